@@ -1,0 +1,2039 @@
+"""nimble-edge: an embedded federated-learning orchestrator for edge gateways.
+
+One process on a small box hosts models and training plans in one SQLite
+file, hands them to nearby devices that ask to join a training cycle, and
+averages the diffs they report into the next checkpoint. Nothing else runs:
+no broker, no database server, no cloud.
+
+Run it::
+
+    python nimble_edge.py serve --db edge.sqlite --port 7000
+    python nimble_edge.py demo        # the whole loop on real data
+
+Routes (bodies are CBOR; control messages may also be JSON)::
+
+    POST /model-centric/host-training   admin   store a process, open cycle 1
+    POST /model-centric/authenticate    worker  get a worker_id
+    POST /model-centric/cycle-request   worker  join the open cycle
+    GET  /model-centric/get-model       worker  the cycle's checkpoint
+    GET  /model-centric/get-plan        worker  a plan of the process
+    POST /model-centric/report          worker  a diff; idempotent per key
+    GET  /model-centric/retrieve-model  admin   a checkpoint by number
+    GET  /status                        anyone  processes and cycle progress
+    GET  /health                        anyone  liveness
+
+Sections, in order: settings and limits; errors; encoding; records; store;
+federation; HTTP; CLI.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import contextlib
+import hashlib
+import hmac
+import json
+import logging
+import math
+import os
+import platform
+import secrets
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiosqlite
+import cbor2
+import jwt
+import torch
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from plan_runtime.plan import Plan, PlanError
+from plan_runtime.state import (
+    StateError,
+    decode_message,
+    decode_state,
+    encode_state,
+    state_spec,
+)
+
+__version__ = "0.1.0"
+
+logger = logging.getLogger("nimble_edge")
+store_logger = logging.getLogger("nimble_edge.store")
+cycle_logger = logging.getLogger("nimble_edge.cycle")
+http_logger = logging.getLogger("nimble_edge.http")
+
+
+# ============================================================ settings and limits
+
+KIB = 1024
+MIB = 1024 * KIB
+
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 7000
+DEFAULT_DB = "nimble-edge.sqlite"
+
+MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
+INSTALLED_MIGRATIONS_DIR = Path(sys.prefix) / "share" / "nimble-edge" / "migrations"
+
+# Keys a server_config may hold, with their defaults. Unknown keys are
+# refused by name so that a typo never silently changes nothing.
+SERVER_CONFIG_DEFAULTS: dict[str, Any] = {
+    "num_cycles": 0,
+    "cycle_length": 3600,
+    "min_diffs": 1,
+    "max_diffs": None,
+    "minimum_upload_speed": 0,
+    "minimum_download_speed": 0,
+    "authentication": None,
+}
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What a server needs to start; every field has a CLI flag and env var."""
+
+    db_path: Path
+    admin_token: str | None = None
+    max_host_bytes: int = 512 * MIB
+    max_message_bytes: int = 64 * KIB
+    report_margin_bytes: int = 64 * KIB
+    clock_interval_s: float = 30.0
+
+
+# ============================================================ errors
+
+
+class ApiError(Exception):
+    """An error a client caused or must know about; becomes the envelope.
+
+    ``message`` says what failed, what was received and what is expected;
+    ``code`` is stable and documented in the README.
+    """
+
+    def __init__(self, status: int, code: str, message: str):
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+
+
+def bad_request(message: str, code: str = "invalid_request") -> ApiError:
+    return ApiError(400, code, message)
+
+
+def not_found(message: str, code: str = "not_found") -> ApiError:
+    return ApiError(404, code, message)
+
+
+def conflict(message: str, code: str) -> ApiError:
+    return ApiError(409, code, message)
+
+
+# ============================================================ encoding
+
+JSON_TYPE = "application/json"
+CBOR_TYPE = "application/cbor"
+
+
+def wants_json(request: Request) -> bool:
+    """Whether a response should be JSON: the client sent or asked for it."""
+    content_type = request.headers.get("content-type", "")
+    accept = request.headers.get("accept", "")
+    if CBOR_TYPE in accept:
+        return False
+    return content_type.startswith(JSON_TYPE) or JSON_TYPE in accept
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, bytes):
+        return base64.b64encode(value).decode("ascii")
+    raise TypeError(f"cannot encode {type(value).__name__} as JSON")
+
+
+def encode_body(payload: Any, *, as_json: bool) -> tuple[bytes, str]:
+    if as_json:
+        text = json.dumps(payload, default=_json_default, allow_nan=False)
+        return text.encode(), JSON_TYPE
+    return cbor2.dumps(payload), CBOR_TYPE
+
+
+def decode_body(data: bytes, content_type: str) -> Any:
+    """Decode a control message, CBOR unless the client said JSON.
+
+    Raises:
+        ApiError: 400 for a malformed body, 415 for another media type.
+    """
+    if content_type.startswith(JSON_TYPE):
+        try:
+            return json.loads(data)
+        except (ValueError, RecursionError) as exc:
+            raise bad_request(f"body is not valid JSON: {exc}", "invalid_body") from exc
+    if content_type and not content_type.startswith(CBOR_TYPE):
+        raise ApiError(
+            415,
+            "unsupported_media_type",
+            f"Content-Type {content_type!r:.60} is not supported; send "
+            f"{CBOR_TYPE} (or {JSON_TYPE} for control messages)",
+        )
+    try:
+        return decode_message(data)
+    except StateError as exc:
+        raise bad_request(f"body is not valid CBOR: {exc}", "invalid_body") from exc
+
+
+def field_of(
+    body: Any, name: str, kind: type | tuple[type, ...], *, default: Any = ...
+) -> Any:
+    """Return ``body[name]`` checked against ``kind``; ``default`` when optional.
+
+    Raises:
+        ApiError: 400 naming the field, what it holds and what it should hold.
+    """
+    if not isinstance(body, dict):
+        raise bad_request(
+            f"body must be a map; got {type(body).__name__}", "invalid_body"
+        )
+    if name not in body or body[name] is None:
+        if default is not ...:
+            return default
+        raise bad_request(f'"{name}" is required', "missing_field")
+    value = body[name]
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    is_bool = isinstance(value, bool) and bool not in kinds
+    if is_bool or not isinstance(value, kinds):
+        expected = " or ".join(k.__name__ for k in kinds)
+        raise bad_request(
+            f'"{name}" must be {expected}; got {type(value).__name__}', "invalid_field"
+        )
+    return value
+
+
+def bytes_field(body: Any, name: str, *, default: Any = ...) -> Any:
+    """A byte-string field; JSON clients send base64 text instead."""
+    value = field_of(body, name, (bytes, str), default=default)
+    if isinstance(value, str):
+        try:
+            return base64.b64decode(value, validate=True)
+        except ValueError as exc:
+            raise bad_request(f'"{name}" is not valid base64', "invalid_field") from exc
+    return value
+
+
+def hash_token(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+_HMAC_ALGORITHMS = frozenset({"HS256", "HS384", "HS512"})
+_PUBLIC_KEY_ALGORITHMS = frozenset(
+    {"RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512"}
+)
+
+
+def check_auth_config(config: Any) -> dict[str, Any]:
+    """Validate ``server_config["authentication"]``; return it normalised.
+
+    Raises:
+        ApiError: 400 for a missing key, a key of the wrong family for the
+            algorithms, or an algorithm that is not accepted (never ``none``).
+    """
+    if not isinstance(config, dict) or config.get("type") != "jwt":
+        raise bad_request(
+            '"authentication" must be {"type": "jwt", "secret" or "pub_key": ...}',
+            "invalid_config",
+        )
+    unknown = set(config) - {
+        "type",
+        "secret",
+        "pub_key",
+        "algorithms",
+        "audience",
+        "issuer",
+        "require_exp",
+    }
+    if unknown:
+        raise bad_request(
+            f'"authentication" has unknown key {sorted(unknown)[0]!r}', "invalid_config"
+        )
+    has_secret = isinstance(config.get("secret"), str) and config["secret"] != ""
+    has_key = isinstance(config.get("pub_key"), str) and config["pub_key"] != ""
+    if has_secret == has_key:
+        raise bad_request(
+            '"authentication" needs exactly one of "secret" (HMAC) or "pub_key" (PEM)',
+            "invalid_config",
+        )
+    if has_secret and len(config["secret"].encode()) < 32:
+        raise bad_request(
+            '"secret" must be at least 32 bytes (RFC 7518 section 3.2); got '
+            f"{len(config['secret'].encode())}",
+            "invalid_config",
+        )
+    family = _HMAC_ALGORITHMS if has_secret else _PUBLIC_KEY_ALGORITHMS
+    algorithms = config.get("algorithms") or (["HS256"] if has_secret else ["RS256"])
+    if not isinstance(algorithms, list) or not set(algorithms) <= family:
+        raise bad_request(
+            f'"algorithms" must be a list drawn from {sorted(family)} for this key; '
+            f"got {algorithms!r:.80}",
+            "invalid_config",
+        )
+    normalised = dict(config, algorithms=algorithms)
+    normalised["require_exp"] = bool(config.get("require_exp", False))
+    return normalised
+
+
+def verify_worker_token(token: Any, config: dict[str, Any]) -> dict[str, Any]:
+    """Check a worker's JWT against a process's auth config; return its claims.
+
+    Raises:
+        ApiError: 401 when the token is missing, forged, expired or meant for
+            another audience or issuer. The token itself is never echoed.
+    """
+    if not isinstance(token, str) or not token:
+        raise ApiError(401, "unauthorized", '"auth_token" is required by this process')
+    key = config.get("secret") or config.get("pub_key")
+    options: dict[str, Any] = {"require": ["exp"] if config["require_exp"] else []}
+    try:
+        return jwt.decode(
+            token,
+            key,
+            algorithms=config["algorithms"],
+            audience=config.get("audience"),
+            issuer=config.get("issuer"),
+            options=options,
+        )
+    except jwt.PyJWTError as exc:
+        raise ApiError(
+            401, "unauthorized", f"auth_token was refused: {type(exc).__name__}"
+        ) from exc
+
+
+# ============================================================ records
+
+
+@dataclass(frozen=True)
+class Process:
+    id: int
+    name: str
+    version: str
+    client_config: dict[str, Any]
+    server_config: dict[str, Any]
+    completed_at: float | None
+
+    @property
+    def label(self) -> str:
+        return f"{self.name}@{self.version}"
+
+    @classmethod
+    def from_row(cls, row: Any) -> Process:
+        return cls(
+            row["id"],
+            row["name"],
+            row["version"],
+            json.loads(row["client_config"]),
+            json.loads(row["server_config"]),
+            row["completed_at"],
+        )
+
+
+@dataclass(frozen=True)
+class Cycle:
+    id: int
+    process_id: int
+    number: int
+    checkpoint_number: int
+    deadline_at: float
+    closed_at: float | None
+
+    @classmethod
+    def from_row(cls, row: Any) -> Cycle:
+        return cls(
+            row["id"],
+            row["process_id"],
+            row["number"],
+            row["checkpoint_number"],
+            row["deadline_at"],
+            row["closed_at"],
+        )
+
+
+@dataclass(frozen=True)
+class Assignment:
+    id: int
+    worker_id: str
+    request_key: str
+    cycle: Cycle
+
+
+# ============================================================ store
+
+
+def migration_files(directory: Path | None = None) -> list[tuple[int, str, Path]]:
+    """Return ``(number, name, path)`` for each ``NNNN_name.sql``, in order."""
+    if directory is None:
+        directory = (
+            MIGRATIONS_DIR if MIGRATIONS_DIR.is_dir() else INSTALLED_MIGRATIONS_DIR
+        )
+    found = []
+    for path in sorted(directory.glob("[0-9][0-9][0-9][0-9]_*.sql")):
+        found.append((int(path.name[:4]), path.stem[5:], path))
+    return found
+
+
+def split_sql(script: str) -> list[str]:
+    """Split a script into statements, respecting strings and comments."""
+    statements, buffer = [], ""
+    for line in script.splitlines(keepends=True):
+        buffer += line
+        if sqlite3.complete_statement(buffer):
+            if buffer.strip():
+                statements.append(buffer.strip())
+            buffer = ""
+    if buffer.strip() and not all(
+        part.strip().startswith("--") or not part.strip()
+        for part in buffer.splitlines()
+    ):
+        raise ValueError(f"incomplete SQL statement at the end: {buffer.strip()[:80]}")
+    return statements
+
+
+class Queries:
+    """Every statement the server runs, over one connection.
+
+    :meth:`Store.transaction` hands these out on the write connection inside
+    one transaction; :attr:`Store.read` runs them on the read connection.
+    """
+
+    def __init__(self, db: aiosqlite.Connection):
+        self.db = db
+
+    async def _one(self, sql: str, params: tuple[Any, ...] = ()) -> Any:
+        async with self.db.execute(sql, params) as cursor:
+            return await cursor.fetchone()
+
+    async def _all(self, sql: str, params: tuple[Any, ...] = ()) -> list[Any]:
+        return list(await self.db.execute_fetchall(sql, params))
+
+    async def _run(self, sql: str, params: tuple[Any, ...] = ()) -> int:
+        async with self.db.execute(sql, params) as cursor:
+            return cursor.lastrowid or 0
+
+    # ------------------------------------------------------------ settings
+
+    async def setting(self, key: str) -> str | None:
+        row = await self._one("SELECT value FROM settings WHERE key = ?", (key,))
+        return None if row is None else str(row["value"])
+
+    async def set_setting(self, key: str, value: str) -> None:
+        await self._run(
+            "INSERT OR REPLACE INTO settings (key, value) VALUES (?, ?)", (key, value)
+        )
+
+    # ------------------------------------------------------------ processes
+
+    async def process(self, name: str, version: str | None) -> Process | None:
+        """The process by name and version, or the newest of that name."""
+        if version is None:
+            row = await self._one(
+                "SELECT * FROM processes WHERE name = ? ORDER BY id DESC LIMIT 1",
+                (name,),
+            )
+        else:
+            row = await self._one(
+                "SELECT * FROM processes WHERE name = ? AND version = ?",
+                (name, version),
+            )
+        return None if row is None else Process.from_row(row)
+
+    async def process_by_id(self, process_id: int) -> Process:
+        row = await self._one("SELECT * FROM processes WHERE id = ?", (process_id,))
+        return Process.from_row(row)
+
+    async def insert_process(
+        self,
+        name: str,
+        version: str,
+        client_config: dict[str, Any],
+        server_config: dict[str, Any],
+        now: float,
+    ) -> int:
+        return await self._run(
+            "INSERT INTO processes (name, version, client_config, server_config, "
+            "created_at) VALUES (?, ?, ?, ?, ?)",
+            (name, version, json.dumps(client_config), json.dumps(server_config), now),
+        )
+
+    async def complete_process(self, process_id: int, now: float) -> None:
+        await self._run(
+            "UPDATE processes SET completed_at = ? WHERE id = ?", (now, process_id)
+        )
+
+    async def insert_plan(self, process_id: int, name: str, value: bytes) -> None:
+        await self._run(
+            "INSERT INTO plans (process_id, name, value) VALUES (?, ?, ?)",
+            (process_id, name, value),
+        )
+
+    async def insert_protocol(self, process_id: int, name: str, value: bytes) -> None:
+        await self._run(
+            "INSERT INTO protocols (process_id, name, value) VALUES (?, ?, ?)",
+            (process_id, name, value),
+        )
+
+    async def plan_ids(self, process_id: int) -> dict[str, int]:
+        rows = await self._all(
+            "SELECT id, name FROM plans WHERE process_id = ? ORDER BY id",
+            (process_id,),
+        )
+        return {row["name"]: row["id"] for row in rows}
+
+    async def protocol_ids(self, process_id: int) -> dict[str, int]:
+        rows = await self._all(
+            "SELECT id, name FROM protocols WHERE process_id = ? ORDER BY id",
+            (process_id,),
+        )
+        return {row["name"]: row["id"] for row in rows}
+
+    async def plan(self, plan_id: int, process_id: int) -> bytes | None:
+        row = await self._one(
+            "SELECT value FROM plans WHERE id = ? AND process_id = ?",
+            (plan_id, process_id),
+        )
+        return None if row is None else bytes(row["value"])
+
+    # ------------------------------------------------------------ checkpoints
+
+    async def insert_checkpoint(
+        self, process_id: int, number: int, value: bytes, now: float
+    ) -> None:
+        await self._run(
+            "INSERT INTO checkpoints (process_id, number, value, created_at) "
+            "VALUES (?, ?, ?, ?)",
+            (process_id, number, value, now),
+        )
+
+    async def checkpoint(
+        self, process_id: int, number: int | None
+    ) -> tuple[int, bytes] | None:
+        """``(id, value)`` of a checkpoint by number, or of the latest one."""
+        if number is None:
+            row = await self._one(
+                "SELECT id, value FROM checkpoints WHERE process_id = ? "
+                "ORDER BY number DESC LIMIT 1",
+                (process_id,),
+            )
+        else:
+            row = await self._one(
+                "SELECT id, value FROM checkpoints WHERE process_id = ? AND number = ?",
+                (process_id, number),
+            )
+        return None if row is None else (row["id"], bytes(row["value"]))
+
+    async def largest_model_bytes(self) -> int:
+        row = await self._one(
+            "SELECT max(length(value)) AS size FROM checkpoints WHERE number = 1"
+        )
+        return int(row["size"] or 0)
+
+    # ------------------------------------------------------------ cycles
+
+    async def insert_cycle(
+        self,
+        process_id: int,
+        number: int,
+        checkpoint_number: int,
+        now: float,
+        deadline_at: float,
+    ) -> None:
+        await self._run(
+            "INSERT INTO cycles (process_id, number, checkpoint_number, started_at, "
+            "deadline_at) VALUES (?, ?, ?, ?, ?)",
+            (process_id, number, checkpoint_number, now, deadline_at),
+        )
+
+    async def open_cycle(self, process_id: int) -> Cycle | None:
+        row = await self._one(
+            "SELECT * FROM cycles WHERE process_id = ? AND closed_at IS NULL",
+            (process_id,),
+        )
+        return None if row is None else Cycle.from_row(row)
+
+    async def cycle(self, cycle_id: int) -> Cycle | None:
+        row = await self._one("SELECT * FROM cycles WHERE id = ?", (cycle_id,))
+        return None if row is None else Cycle.from_row(row)
+
+    async def close_cycle(self, cycle_id: int, now: float, diffs: int) -> None:
+        await self._run(
+            "UPDATE cycles SET closed_at = ?, diffs_averaged = ? WHERE id = ?",
+            (now, diffs, cycle_id),
+        )
+
+    async def set_deadline(self, cycle_id: int, deadline_at: float) -> None:
+        await self._run(
+            "UPDATE cycles SET deadline_at = ? WHERE id = ? AND closed_at IS NULL",
+            (deadline_at, cycle_id),
+        )
+
+    async def open_cycles(self) -> list[tuple[Cycle, Process, int]]:
+        """Every open cycle with its process and its number of reports."""
+        rows = await self._all(
+            "SELECT c.*, (SELECT count(*) FROM reports r WHERE r.cycle_id = c.id) "
+            "AS reports FROM cycles c WHERE c.closed_at IS NULL ORDER BY c.id"
+        )
+        return [
+            (
+                Cycle.from_row(row),
+                await self.process_by_id(row["process_id"]),
+                row["reports"],
+            )
+            for row in rows
+        ]
+
+    # ------------------------------------------------------------ workers
+
+    async def worker_process_id(self, worker_id: str) -> int | None:
+        row = await self._one(
+            "SELECT process_id FROM workers WHERE id = ?", (worker_id,)
+        )
+        return None if row is None else int(row["process_id"])
+
+    async def worker_by_subject(self, process_id: int, subject: str) -> str | None:
+        row = await self._one(
+            "SELECT id FROM workers WHERE process_id = ? AND subject = ?",
+            (process_id, subject),
+        )
+        return None if row is None else str(row["id"])
+
+    async def insert_worker(
+        self, worker_id: str, process_id: int, subject: str | None, now: float
+    ) -> None:
+        await self._run(
+            "INSERT INTO workers (id, process_id, subject, created_at) "
+            "VALUES (?, ?, ?, ?)",
+            (worker_id, process_id, subject, now),
+        )
+
+    # ------------------------------------------------------------ assignments
+
+    async def assignment_in(
+        self, cycle_id: int, worker_id: str
+    ) -> tuple[str, bool] | None:
+        """``(request_key, has_reported)`` of a worker's assignment in a cycle."""
+        row = await self._one(
+            "SELECT a.request_key, r.assignment_id IS NOT NULL AS has_reported "
+            "FROM assignments a LEFT JOIN reports r ON r.assignment_id = a.id "
+            "WHERE a.cycle_id = ? AND a.worker_id = ?",
+            (cycle_id, worker_id),
+        )
+        return None if row is None else (row["request_key"], bool(row["has_reported"]))
+
+    async def insert_assignment(
+        self, cycle_id: int, worker_id: str, request_key: str, now: float
+    ) -> None:
+        await self._run(
+            "INSERT INTO assignments (cycle_id, worker_id, request_key, assigned_at) "
+            "VALUES (?, ?, ?, ?)",
+            (cycle_id, worker_id, request_key, now),
+        )
+
+    async def assignment(self, request_key: str) -> Assignment | None:
+        row = await self._one(
+            "SELECT a.id AS assignment_id, a.worker_id, a.request_key, c.* "
+            "FROM assignments a JOIN cycles c ON c.id = a.cycle_id "
+            "WHERE a.request_key = ?",
+            (request_key,),
+        )
+        if row is None:
+            return None
+        return Assignment(
+            row["assignment_id"],
+            row["worker_id"],
+            row["request_key"],
+            Cycle.from_row(row),
+        )
+
+    # ------------------------------------------------------------ reports
+
+    async def report_of(self, assignment_id: int) -> tuple[bytes, int] | None:
+        """``(digest, num_samples)`` of the report for an assignment."""
+        row = await self._one(
+            "SELECT digest, num_samples FROM reports WHERE assignment_id = ?",
+            (assignment_id,),
+        )
+        return None if row is None else (bytes(row["digest"]), row["num_samples"])
+
+    async def insert_report(
+        self,
+        assignment: Assignment,
+        diff: bytes,
+        digest: bytes,
+        num_samples: int,
+        metrics: dict[str, float],
+        now: float,
+    ) -> None:
+        await self._run(
+            "INSERT INTO reports (assignment_id, cycle_id, diff, digest, "
+            "num_samples, metrics, reported_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (
+                assignment.id,
+                assignment.cycle.id,
+                diff,
+                digest,
+                num_samples,
+                json.dumps(metrics) if metrics else None,
+                now,
+            ),
+        )
+
+    async def report_count(self, cycle_id: int) -> int:
+        row = await self._one(
+            "SELECT count(*) AS n FROM reports WHERE cycle_id = ?", (cycle_id,)
+        )
+        return int(row["n"])
+
+    async def reports(self, cycle_id: int) -> AsyncIterator[tuple[bytes, int]]:
+        """``(diff, num_samples)`` of each report of a cycle, one at a time."""
+        async with self.db.execute(
+            "SELECT diff, num_samples FROM reports WHERE cycle_id = ? "
+            "ORDER BY assignment_id",
+            (cycle_id,),
+        ) as cursor:
+            async for row in cursor:
+                yield bytes(row["diff"]), row["num_samples"]
+
+    # ------------------------------------------------------------ status
+
+    async def status_rows(self) -> list[Any]:
+        return await self._all(
+            "SELECT p.id, p.name, p.version, p.server_config, p.completed_at, "
+            "(SELECT max(number) FROM checkpoints k WHERE k.process_id = p.id) "
+            "AS checkpoints, c.number AS cycle, c.deadline_at, "
+            "(SELECT count(*) FROM reports r WHERE r.cycle_id = c.id) AS reports "
+            "FROM processes p LEFT JOIN cycles c "
+            "ON c.process_id = p.id AND c.closed_at IS NULL ORDER BY p.id"
+        )
+
+
+class Store:
+    """The SQLite file: one write connection behind a lock, one for reads.
+
+    Every write happens inside :meth:`transaction`, which holds the lock for
+    the whole transaction, so statements of concurrent requests never mix
+    and SQLite never answers "database is locked". Reads use their own
+    connection and, in WAL mode, never wait for the writer.
+    """
+
+    def __init__(self, path: Path):
+        self.path = path
+        self._writer: aiosqlite.Connection | None = None
+        self._reader: aiosqlite.Connection | None = None
+        self._lock = asyncio.Lock()
+
+    async def open(self) -> None:
+        store_logger.info("Opening store %s", self.path)
+        try:
+            self._writer = await self._connect()
+        except sqlite3.Error as exc:
+            raise RuntimeError(
+                f"cannot open database {self.path}: {exc}; check that its folder "
+                "exists and is writable"
+            ) from exc
+        try:
+            # synchronous=FULL makes a commit durable in WAL mode even after
+            # power loss: a report is acknowledged only after its commit.
+            await self._writer.execute("PRAGMA journal_mode = WAL")
+            await self._writer.execute("PRAGMA synchronous = FULL")
+            await self.migrate()
+            self._reader = await self._connect()
+        except BaseException:
+            # aiosqlite's threads keep the interpreter alive until closed.
+            await self.close()
+            raise
+        store_logger.info("Store %s ready", self.path)
+
+    async def _connect(self) -> aiosqlite.Connection:
+        db = await aiosqlite.connect(self.path, isolation_level=None)
+        db.row_factory = aiosqlite.Row
+        await db.execute("PRAGMA foreign_keys = ON")
+        await db.execute("PRAGMA busy_timeout = 10000")
+        return db
+
+    async def close(self) -> None:
+        for db in (self._reader, self._writer):
+            if db is not None:
+                await db.close()
+        self._reader = self._writer = None
+        store_logger.info("Store %s closed", self.path)
+
+    async def migrate(self) -> list[str]:
+        """Apply the migrations not yet recorded, each in its own transaction."""
+        assert self._writer is not None
+        await self._writer.execute(
+            "CREATE TABLE IF NOT EXISTS schema_migrations (\n"
+            "    number INTEGER PRIMARY KEY,\n"
+            "    name TEXT NOT NULL,\n"
+            "    applied_at REAL NOT NULL\n"
+            ")"
+        )
+        rows = await self._writer.execute_fetchall(
+            "SELECT number FROM schema_migrations"
+        )
+        applied = {row[0] for row in rows}
+
+        done = []
+        for number, name, path in migration_files():
+            if number in applied:
+                continue
+            async with self.transaction() as queries:
+                for statement in split_sql(path.read_text()):
+                    await queries.db.execute(statement)
+                await queries.db.execute(
+                    "INSERT INTO schema_migrations (number, name, applied_at) "
+                    "VALUES (?, ?, ?)",
+                    (number, name, time.time()),
+                )
+            store_logger.info("Migration %04d_%s applied", number, name)
+            done.append(f"{number:04d}_{name}")
+        return done
+
+    @contextlib.asynccontextmanager
+    async def transaction(self) -> AsyncIterator[Queries]:
+        """Hold the write connection for one immediate transaction."""
+        assert self._writer is not None, "store is not open"
+        async with self._lock:
+            await self._writer.execute("BEGIN IMMEDIATE")
+            try:
+                yield Queries(self._writer)
+            except BaseException:
+                await self._writer.execute("ROLLBACK")
+                raise
+            await self._writer.execute("COMMIT")
+
+    @property
+    def read(self) -> Queries:
+        """Queries on the read connection, outside any write transaction."""
+        assert self._reader is not None, "store is not open"
+        return Queries(self._reader)
+
+
+# ============================================================ federation
+
+
+def check_server_config(raw: Any) -> dict[str, Any]:
+    """Validate a server_config and fill in defaults.
+
+    Raises:
+        ApiError: 400 naming the key, the value received and what is expected.
+    """
+    if not isinstance(raw, dict):
+        raise bad_request("server_config must be a map", "invalid_config")
+    unknown = sorted(set(raw) - set(SERVER_CONFIG_DEFAULTS))
+    if unknown:
+        raise bad_request(
+            f"server_config has unknown key {unknown[0]!r}; known keys: "
+            f"{', '.join(SERVER_CONFIG_DEFAULTS)}",
+            "invalid_config",
+        )
+    config = {
+        **SERVER_CONFIG_DEFAULTS,
+        **{k: v for k, v in raw.items() if v is not None},
+    }
+
+    def require(key: str, ok: bool, expected: str) -> None:
+        if not ok:
+            raise bad_request(
+                f'"{key}" must be {expected}; got {config[key]!r:.60}', "invalid_config"
+            )
+
+    def whole(key: str, minimum: int) -> bool:
+        return type(config[key]) is int and config[key] >= minimum
+
+    require("num_cycles", whole("num_cycles", 0), "a whole number >= 0 (0: no limit)")
+    length = config["cycle_length"]
+    require(
+        "cycle_length",
+        type(length) in (int, float) and math.isfinite(length) and length > 0,
+        "a positive number of seconds",
+    )
+    require("min_diffs", whole("min_diffs", 1), "a whole number >= 1")
+    max_diffs = config["max_diffs"]
+    require(
+        "max_diffs",
+        max_diffs is None or whole("max_diffs", 1),
+        "a whole number >= 1, or null for no limit",
+    )
+    if max_diffs is not None and max_diffs < config["min_diffs"]:
+        raise bad_request(
+            f'"max_diffs" ({max_diffs}) must not be below "min_diffs" '
+            f"({config['min_diffs']})",
+            "invalid_config",
+        )
+    for key in ("minimum_upload_speed", "minimum_download_speed"):
+        # TODO: speed tests are not wired yet — a non-zero minimum is refused
+        # rather than silently ignored.
+        require(key, config[key] == 0, "0 (speed tests are not supported yet)")
+    if config["authentication"] is not None:
+        config["authentication"] = check_auth_config(config["authentication"])
+    return config
+
+
+class Accumulator:
+    """A running weighted sum of diffs, in float64 so many diffs lose nothing.
+
+    Memory is one float64 copy of the model however many diffs are added.
+    """
+
+    def __init__(self, base: Mapping[str, torch.Tensor]):
+        self.base = base
+        self.sums = {
+            name: torch.zeros(t.shape, dtype=torch.float64) for name, t in base.items()
+        }
+        self.weight = 0
+        self.count = 0
+
+    def add(self, diff: Mapping[str, torch.Tensor], weight: int) -> None:
+        for name, total in self.sums.items():
+            total.add_(diff[name].to(torch.float64), alpha=weight)
+        self.weight += weight
+        self.count += 1
+
+    def add_encoded(self, diff: bytes, weight: int) -> None:
+        """Decode a stored diff (without copying it) and add it."""
+        self.add(decode_state(diff, copy=False), weight)
+
+    def result(self) -> dict[str, torch.Tensor]:
+        """The next checkpoint: base minus the weighted mean of the diffs."""
+        assert self.weight > 0, "no diffs were added"
+        updated = {}
+        for name, tensor in self.base.items():
+            mean = self.sums[name] / self.weight
+            if not tensor.is_floating_point():
+                mean = mean.round()
+            updated[name] = (tensor.to(torch.float64) - mean).to(tensor.dtype)
+        return updated
+
+
+Spec = list[tuple[str, str, tuple[int, ...]]]
+
+
+def check_diff(diff_bytes: bytes, spec: Spec) -> dict[str, torch.Tensor]:
+    """Decode a diff and check it against the checkpoint's tensor spec.
+
+    Raises:
+        ApiError: 400 naming the first tensor whose name, order, dtype or
+            shape differs, or that holds NaN or infinity.
+    """
+    try:
+        diff = decode_state(diff_bytes, copy=False)
+    except StateError as exc:
+        raise bad_request(
+            f"diff is not a valid state document: {exc}", "invalid_diff"
+        ) from exc
+    got = state_spec(diff)
+    if len(got) != len(spec):
+        raise bad_request(
+            f"diff has {len(got)} tensors; the checkpoint has {len(spec)}",
+            "invalid_diff",
+        )
+    for position, (expected, received) in enumerate(zip(spec, got)):
+        if expected != received:
+            raise bad_request(
+                f"diff tensor {position} is {received[0]!r} {received[1]} "
+                f"{list(received[2])}; expected {expected[0]!r} {expected[1]} "
+                f"{list(expected[2])}",
+                "invalid_diff",
+            )
+    for name, tensor in diff.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise bad_request(
+                f"diff tensor {name!r} holds NaN or infinity", "invalid_diff"
+            )
+    return diff
+
+
+def check_model(data: bytes) -> dict[str, torch.Tensor]:
+    """Decode a hosted model and insist that it holds tensors."""
+    try:
+        model = decode_state(data, copy=False)
+    except StateError as exc:
+        raise bad_request(
+            f"model is not a valid state document: {exc}", "invalid_model"
+        ) from exc
+    if not model:
+        raise bad_request("model holds no tensors", "invalid_model")
+    return model
+
+
+def check_plan(name: str, data: bytes) -> None:
+    """Load a hosted plan through the safe loader; refuse it if it fails."""
+    if ":" in name:
+        # TODO: mobile plan forms (name:ts, name:pte) are not stored yet — a
+        # host asking for them is refused instead of served a wrong format.
+        raise bad_request(
+            f"plan {name!r:.60}: only portable plans are hosted so far",
+            "invalid_plan",
+        )
+    try:
+        Plan.from_bytes(data)
+    except PlanError as exc:
+        raise bad_request(
+            f"plan {name!r:.60} is not a valid plan: {exc}", "invalid_plan"
+        ) from exc
+
+
+def check_metrics(raw: Any) -> dict[str, float]:
+    """Optional report metrics: at most 64 names mapped to finite numbers."""
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict) or len(raw) > 64:
+        raise bad_request(
+            '"metrics" must be a map of at most 64 names to numbers', "invalid_field"
+        )
+    metrics = {}
+    for key, value in raw.items():
+        is_number = type(value) in (int, float) and math.isfinite(value)
+        if not isinstance(key, str) or len(key) > 100 or not is_number:
+            raise bad_request(
+                f'"metrics" must map names to finite numbers; got {key!r:.40}: '
+                f"{value!r:.40}",
+                "invalid_field",
+            )
+        metrics[key] = float(value)
+    return metrics
+
+
+def seconds_until(moment: float, now: float) -> int:
+    """Whole seconds from ``now`` until ``moment``, never negative."""
+    return max(0, math.ceil(moment - now))
+
+
+class Federation:
+    """Processes, admission, cycles and aggregation: the rules, no SQL or HTTP."""
+
+    def __init__(self, store: Store, settings: Settings):
+        self.store = store
+        self.settings = settings
+        self._specs: dict[int, Spec] = {}
+        self._clock_wakeup = asyncio.Event()
+        self._clock_task: asyncio.Task[None] | None = None
+        self._warned_open: set[int] = set()
+        self._admin_hash: str | None = None
+        self._largest_model_bytes = 0
+
+    # ------------------------------------------------------------ lifecycle
+
+    async def start(self) -> None:
+        await self.store.open()
+        await self._load_admin_token()
+        self._largest_model_bytes = await self.store.read.largest_model_bytes()
+        # Cycles that filled up just before a crash are closed now; the clock
+        # re-arms every other deadline from the database.
+        await self.close_due_cycles()
+        self._clock_task = asyncio.create_task(self._clock(), name="cycle-clock")
+
+    async def stop(self) -> None:
+        if self._clock_task is not None:
+            self._clock_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._clock_task
+        await self.store.close()
+
+    async def _load_admin_token(self) -> None:
+        token = self.settings.admin_token
+        async with self.store.transaction() as queries:
+            stored = await queries.setting("admin_token")
+            if token:
+                self._admin_hash = hash_token(token)
+                await queries.set_setting("admin_token", self._admin_hash)
+                return
+            if stored is not None:
+                self._admin_hash = stored
+                return
+            token = secrets.token_urlsafe(32)
+            self._admin_hash = hash_token(token)
+            await queries.set_setting("admin_token", self._admin_hash)
+        # Shown once, on the terminal and never in a log: only its hash is
+        # kept, so a lost token is replaced by setting NIMBLE_EDGE_ADMIN_TOKEN.
+        print(
+            "A new admin token was created; it is shown only this once:\n"
+            f"    NIMBLE_EDGE_ADMIN_TOKEN={token}",
+            file=sys.stderr,
+            flush=True,
+        )
+
+    def check_admin(self, authorization: str | None) -> None:
+        """Raise 401 unless the header carries the admin token."""
+        scheme, _, token = (authorization or "").partition(" ")
+        if scheme.lower() != "bearer" or not token or self._admin_hash is None:
+            raise ApiError(
+                401,
+                "unauthorized",
+                "this route needs 'Authorization: Bearer <admin token>'",
+            )
+        if not hmac.compare_digest(hash_token(token.strip()), self._admin_hash):
+            raise ApiError(401, "unauthorized", "the admin token was not accepted")
+
+    # ------------------------------------------------------------ processes
+
+    async def host(self, body: Any) -> dict[str, Any]:
+        """Store a process with its first checkpoint, and open cycle 1."""
+        client_config = field_of(body, "client_config", dict)
+        name = field_of(client_config, "name", str)
+        version = field_of(client_config, "version", str)
+        if not 0 < len(name) <= 200 or not 0 < len(version) <= 200:
+            raise bad_request(
+                "name and version must be 1 to 200 characters", "invalid_config"
+            )
+        server_config = check_server_config(field_of(body, "server_config", dict))
+        model_bytes = bytes_field(body, "model")
+        plans = field_of(body, "plans", dict, default={})
+        protocols = field_of(body, "protocols", dict, default={})
+        if field_of(body, "averaging_plan", (bytes, str), default=None) is not None:
+            # TODO: hosted averaging plans are not run yet — refused until the
+            # server can execute them, so no process silently averages wrongly.
+            raise bad_request(
+                "server_averaging_plan is not supported yet; send null to use "
+                "the built-in weighted average",
+                "unsupported",
+            )
+
+        model = await asyncio.to_thread(check_model, model_bytes)
+        plan_blobs = {key: bytes_field(plans, key) for key in plans}
+        for plan_name, blob in plan_blobs.items():
+            await asyncio.to_thread(check_plan, plan_name, blob)
+        protocol_blobs = {key: bytes_field(protocols, key) for key in protocols}
+
+        now = time.time()
+        async with self.store.transaction() as queries:
+            if await queries.process(name, version) is not None:
+                raise conflict(
+                    f"process {name}@{version} is already hosted; host it under a "
+                    "new version, or delete it first",
+                    "process_exists",
+                )
+            process_id = await queries.insert_process(
+                name, version, client_config, server_config, now
+            )
+            for plan_name, blob in plan_blobs.items():
+                await queries.insert_plan(process_id, plan_name, blob)
+            for protocol_name, blob in protocol_blobs.items():
+                await queries.insert_protocol(process_id, protocol_name, blob)
+            await queries.insert_checkpoint(process_id, 1, model_bytes, now)
+            await queries.insert_cycle(
+                process_id, 1, 1, now, now + server_config["cycle_length"]
+            )
+            process = await queries.process_by_id(process_id)
+
+        self._specs[process_id] = state_spec(model)
+        self._largest_model_bytes = max(self._largest_model_bytes, len(model_bytes))
+        self._clock_wakeup.set()
+        logger.info(
+            "Process %s hosted: %d tensors, %d plans, cycle 1 open",
+            process.label,
+            len(model),
+            len(plan_blobs),
+        )
+        if server_config["authentication"] is None:
+            self._warn_open(process)
+        return {"status": "success", "process_id": process_id}
+
+    def _warn_open(self, process: Process) -> None:
+        if process.id not in self._warned_open:
+            self._warned_open.add(process.id)
+            logger.warning(
+                "Process %s has no worker authentication: any device on the "
+                "network may join its cycles",
+                process.label,
+            )
+
+    async def find_process(self, name: Any, version: Any) -> Process:
+        """The process by name and version; the newest version when none is given.
+
+        Raises:
+            ApiError: 404 when nothing is hosted under that name and version.
+        """
+        if not isinstance(name, str):
+            raise bad_request("the process name must be a string", "invalid_field")
+        if version is not None and not isinstance(version, str):
+            raise bad_request('"version" must be a string', "invalid_field")
+        process = await self.store.read.process(name, version)
+        if process is None:
+            shown = name if version is None else f"{name}@{version}"
+            raise not_found(f"no process {shown!r:.120} is hosted", "process_not_found")
+        return process
+
+    async def _spec(self, process_id: int) -> Spec:
+        if process_id not in self._specs:
+            found = await self.store.read.checkpoint(process_id, 1)
+            assert found is not None, f"process {process_id} has no checkpoint 1"
+            model = await asyncio.to_thread(decode_state, found[1], copy=False)
+            self._specs[process_id] = state_spec(model)
+        return self._specs[process_id]
+
+    def max_report_bytes(self) -> int:
+        """The largest report any hosted process can legitimately send."""
+        margin = self.settings.report_margin_bytes
+        return int(self._largest_model_bytes * 1.01) + margin
+
+    # ------------------------------------------------------------ workers
+
+    async def authenticate(self, body: Any) -> dict[str, Any]:
+        """Give a worker its id for a process, checking its token if required."""
+        process = await self.find_process(
+            field_of(body, "model_name", str),
+            field_of(body, "model_version", str, default=None),
+        )
+        auth = process.server_config["authentication"]
+        subject = None
+        if auth is not None:
+            claims = verify_worker_token(body.get("auth_token"), auth)
+            subject = claims.get("sub") if isinstance(claims.get("sub"), str) else None
+        else:
+            self._warn_open(process)
+
+        async with self.store.transaction() as queries:
+            worker_id = None
+            if subject is not None:
+                worker_id = await queries.worker_by_subject(process.id, subject)
+            if worker_id is None:
+                worker_id = uuid.uuid4().hex
+                await queries.insert_worker(worker_id, process.id, subject, time.time())
+        config = process.server_config
+        requires_speed_test = bool(
+            config["minimum_upload_speed"] or config["minimum_download_speed"]
+        )
+        return {
+            "status": "success",
+            "worker_id": worker_id,
+            "requires_speed_test": requires_speed_test,
+        }
+
+    async def cycle_request(self, body: Any) -> dict[str, Any]:
+        """Admit a worker to the open cycle, or say why not and when to retry."""
+        worker_id = field_of(body, "worker_id", str)
+        process = await self.find_process(
+            field_of(body, "model", str), field_of(body, "version", str, default=None)
+        )
+        now = time.time()
+        async with self.store.transaction() as queries:
+            if await queries.worker_process_id(worker_id) != process.id:
+                raise ApiError(
+                    401,
+                    "unknown_worker",
+                    f"worker_id is not known for {process.label}; authenticate first",
+                )
+            if (await queries.process_by_id(process.id)).completed_at is not None:
+                return {"status": "rejected", "reason": "training complete"}
+            cycle = await queries.open_cycle(process.id)
+            assert cycle is not None, f"{process.label} has no open cycle"
+            retry_s = seconds_until(cycle.deadline_at, now)
+
+            existing = await queries.assignment_in(cycle.id, worker_id)
+            if existing is not None and existing[1]:
+                return {
+                    "status": "rejected",
+                    "reason": "already assigned",
+                    "timeout": retry_s,
+                }
+            if existing is not None:
+                request_key = existing[0]
+            else:
+                request_key = secrets.token_urlsafe(24)
+                await queries.insert_assignment(cycle.id, worker_id, request_key, now)
+            checkpoint = await queries.checkpoint(process.id, cycle.checkpoint_number)
+            assert checkpoint is not None, f"cycle {cycle.id} has no checkpoint"
+            plans = await queries.plan_ids(process.id)
+            protocols = await queries.protocol_ids(process.id)
+
+        http_logger.debug(
+            "Worker %s assigned to cycle %d of %s",
+            worker_id,
+            cycle.number,
+            process.label,
+        )
+        return {
+            "status": "accepted",
+            "request_key": request_key,
+            "model": process.name,
+            "version": process.version,
+            "model_id": checkpoint[0],
+            "cycle": cycle.number,
+            "plans": plans,
+            "protocols": protocols,
+            "client_config": process.client_config,
+            "timeout": retry_s,
+        }
+
+    async def _assignment(self, worker_id: Any, request_key: Any) -> Assignment:
+        if not isinstance(worker_id, str) or not isinstance(request_key, str):
+            raise bad_request(
+                '"worker_id" and "request_key" are required', "missing_field"
+            )
+        assignment = await self.store.read.assignment(request_key)
+        if assignment is None or not hmac.compare_digest(
+            assignment.worker_id, worker_id
+        ):
+            raise ApiError(
+                403,
+                "unknown_assignment",
+                "request_key does not belong to this worker_id",
+            )
+        return assignment
+
+    async def get_model(self, params: Mapping[str, str]) -> bytes:
+        """The checkpoint an assigned worker trains on, while its cycle is open."""
+        assignment = await self._assignment(
+            params.get("worker_id"), params.get("request_key")
+        )
+        cycle = assignment.cycle
+        if cycle.closed_at is not None:
+            raise conflict(
+                f"cycle {cycle.number} has closed; request a new cycle", "cycle_closed"
+            )
+        found = await self.store.read.checkpoint(
+            cycle.process_id, cycle.checkpoint_number
+        )
+        assert found is not None, f"cycle {cycle.id} has no checkpoint"
+        model_id = params.get("model_id")
+        if model_id is not None and model_id != str(found[0]):
+            raise not_found(
+                f"model_id {model_id!r:.40} is not this cycle's model ({found[0]})",
+                "model_not_found",
+            )
+        return found[1]
+
+    async def get_plan(self, params: Mapping[str, str]) -> bytes:
+        """A plan of the worker's process, in the form it asks for."""
+        assignment = await self._assignment(
+            params.get("worker_id"), params.get("request_key")
+        )
+        form = params.get("receive_operations_as", "list")
+        if form != "list":
+            raise not_found(
+                f"receive_operations_as={form!r:.40} is not hosted; this server "
+                "serves the portable plan: receive_operations_as=list",
+                "plan_not_found",
+            )
+        plan_id = params.get("plan_id", "")
+        if not plan_id.isdigit():
+            raise bad_request(
+                f'"plan_id" must be a plan id number; got {plan_id!r:.40}',
+                "invalid_field",
+            )
+        plan = await self.store.read.plan(int(plan_id), assignment.cycle.process_id)
+        if plan is None:
+            raise not_found(
+                f"plan {plan_id} is not a plan of this process", "plan_not_found"
+            )
+        return plan
+
+    async def report(self, body: Any) -> dict[str, Any]:
+        """Accept a diff once per assignment; durable before it is acknowledged."""
+        assignment = await self._assignment(
+            body.get("worker_id"), body.get("request_key")
+        )
+        diff_bytes = bytes_field(body, "diff")
+        num_samples = field_of(body, "num_samples", int, default=1)
+        if not 1 <= num_samples <= 2**53:
+            raise bad_request(
+                f'"num_samples" must be a positive integer; got {num_samples}',
+                "invalid_field",
+            )
+        metrics = check_metrics(body.get("metrics"))
+        digest = hashlib.sha256(diff_bytes).digest()
+        cycle = assignment.cycle
+
+        # Validation decodes the whole diff, so it runs before the write lock
+        # is taken; a retry of an accepted report skips it.
+        if await self.store.read.report_of(assignment.id) is None:
+            if cycle.closed_at is not None:
+                raise self._closed(cycle)
+            spec = await self._spec(cycle.process_id)
+            await asyncio.to_thread(check_diff, diff_bytes, spec)
+
+        async with self.store.transaction() as queries:
+            previous = await queries.report_of(assignment.id)
+            if previous is not None:
+                if previous != (digest, num_samples):
+                    raise conflict(
+                        "a different report was already accepted for this request_key",
+                        "report_conflict",
+                    )
+                return {"status": "success", "cycle": cycle.number, "duplicate": True}
+            current = await queries.cycle(cycle.id)
+            if current is None or current.closed_at is not None:
+                raise self._closed(cycle)
+            await queries.insert_report(
+                assignment, diff_bytes, digest, num_samples, metrics, time.time()
+            )
+            count = await queries.report_count(cycle.id)
+            process = await queries.process_by_id(cycle.process_id)
+        http_logger.debug(
+            "Report for cycle %d of %s accepted: %d bytes, %d samples",
+            cycle.number,
+            process.label,
+            len(diff_bytes),
+            num_samples,
+        )
+
+        max_diffs = process.server_config["max_diffs"]
+        if max_diffs is not None and count >= max_diffs:
+            # The report is already durable; a failure to close is logged and
+            # retried by the clock, never turned into an error for this worker.
+            try:
+                await self.close_cycle(cycle.id)
+            except Exception:
+                cycle_logger.error(
+                    "Closing cycle %d of %s failed",
+                    cycle.number,
+                    process.label,
+                    exc_info=True,
+                )
+        return {"status": "success", "cycle": cycle.number}
+
+    @staticmethod
+    def _closed(cycle: Cycle) -> ApiError:
+        return conflict(
+            f"cycle {cycle.number} closed before this report arrived; request a "
+            "new cycle",
+            "cycle_closed",
+        )
+
+    # ------------------------------------------------------------ cycles
+
+    async def close_cycle(self, cycle_id: int, *, allow_empty: bool = False) -> bool:
+        """Average a cycle's diffs into the next checkpoint; open the next cycle.
+
+        Everything happens in one transaction: the new checkpoint, the closed
+        cycle and the next cycle are written together or not at all.
+
+        Returns:
+            False when the cycle was already closed (by a concurrent report,
+            or the clock) or has no diffs, True when this call closed it.
+        """
+        started = time.perf_counter()
+        async with self.store.transaction() as queries:
+            cycle = await queries.cycle(cycle_id)
+            if cycle is None or cycle.closed_at is not None:
+                return False
+            process = await queries.process_by_id(cycle.process_id)
+            base = await queries.checkpoint(process.id, cycle.checkpoint_number)
+            assert base is not None, f"cycle {cycle.id} has no checkpoint"
+            accumulator = Accumulator(
+                await asyncio.to_thread(decode_state, base[1], copy=False)
+            )
+            async for diff, num_samples in queries.reports(cycle.id):
+                await asyncio.to_thread(accumulator.add_encoded, diff, num_samples)
+            if accumulator.count == 0 and not allow_empty:
+                return False
+
+            now = time.time()
+            checkpoint_number = cycle.checkpoint_number
+            if accumulator.count:
+                new_state = await asyncio.to_thread(accumulator.result)
+                checkpoint_number += 1
+                await queries.insert_checkpoint(
+                    process.id, checkpoint_number, encode_state(new_state), now
+                )
+            await queries.close_cycle(cycle.id, now, accumulator.count)
+            num_cycles = process.server_config["num_cycles"]
+            is_last = bool(num_cycles) and cycle.number >= num_cycles
+            if is_last:
+                await queries.complete_process(process.id, now)
+            else:
+                await queries.insert_cycle(
+                    process.id,
+                    cycle.number + 1,
+                    checkpoint_number,
+                    now,
+                    now + process.server_config["cycle_length"],
+                )
+
+        self._clock_wakeup.set()
+        cycle_logger.info(
+            "Cycle %d of %s completed: %d diffs averaged into checkpoint %d in %.2f s",
+            cycle.number,
+            process.label,
+            accumulator.count,
+            checkpoint_number,
+            time.perf_counter() - started,
+        )
+        if is_last:
+            cycle_logger.info(
+                "Process %s completed: %d of %d cycles",
+                process.label,
+                cycle.number,
+                num_cycles,
+            )
+        return True
+
+    async def close_due_cycles(self) -> float | None:
+        """Close or extend every open cycle that is full or past its deadline.
+
+        Returns:
+            The earliest deadline still ahead, or None when no cycle is open.
+        """
+        now = time.time()
+        next_deadline = None
+        for cycle, process, reports in await self.store.read.open_cycles():
+            config = process.server_config
+            is_full = config["max_diffs"] is not None and reports >= config["max_diffs"]
+            is_due = cycle.deadline_at <= now
+            if is_full or (is_due and reports >= config["min_diffs"]):
+                await self.close_cycle(cycle.id)
+                continue
+
+            deadline = cycle.deadline_at
+            if is_due:
+                deadline = now + config["cycle_length"]
+                async with self.store.transaction() as queries:
+                    await queries.set_deadline(cycle.id, deadline)
+                cycle_logger.info(
+                    "Cycle %d of %s extended: %d (out of %d) diffs by its deadline",
+                    cycle.number,
+                    process.label,
+                    reports,
+                    config["min_diffs"],
+                )
+            next_deadline = min(deadline, next_deadline or deadline)
+        return next_deadline
+
+    async def _clock(self) -> None:
+        """Close cycles on time by the server's own clock, not only on reports."""
+        while True:
+            self._clock_wakeup.clear()
+            try:
+                next_deadline = await self.close_due_cycles()
+            except Exception:
+                cycle_logger.error("Checking cycle deadlines failed", exc_info=True)
+                next_deadline = None
+            wait_s = self.settings.clock_interval_s
+            if next_deadline is not None:
+                wait_s = min(wait_s, max(0.0, next_deadline - time.time()) + 0.01)
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._clock_wakeup.wait(), timeout=wait_s)
+
+    # ------------------------------------------------------------ admin reads
+
+    async def retrieve(self, params: Mapping[str, str]) -> bytes:
+        """A checkpoint of a process by number, or the latest one."""
+        process = await self.find_process(params.get("name"), params.get("version"))
+        wanted = params.get("checkpoint", "latest")
+        if wanted != "latest" and not wanted.isdigit():
+            raise bad_request(
+                f'"checkpoint" must be a number or "latest"; got {wanted!r:.40}',
+                "invalid_field",
+            )
+        number = None if wanted == "latest" else int(wanted)
+        found = await self.store.read.checkpoint(process.id, number)
+        if found is None:
+            raise not_found(
+                f"{process.label} has no checkpoint {wanted}", "checkpoint_not_found"
+            )
+        return found[1]
+
+    async def status(self) -> dict[str, Any]:
+        now = time.time()
+        processes = []
+        for row in await self.store.read.status_rows():
+            config = json.loads(row["server_config"])
+            is_open = row["cycle"] is not None
+            processes.append(
+                {
+                    "name": row["name"],
+                    "version": row["version"],
+                    "is_complete": row["completed_at"] is not None,
+                    "checkpoints": row["checkpoints"],
+                    "cycle": row["cycle"],
+                    "num_cycles": config["num_cycles"],
+                    "diffs": row["reports"] if is_open else None,
+                    "max_diffs": config["max_diffs"],
+                    "seconds_left": seconds_until(row["deadline_at"], now)
+                    if is_open
+                    else None,
+                }
+            )
+        return {"version": __version__, "processes": processes}
+
+
+# ============================================================ HTTP
+
+
+def respond(request: Request, payload: Any, status: int = 200) -> Response:
+    body, media_type = encode_body(payload, as_json=wants_json(request))
+    return Response(body, status_code=status, media_type=media_type)
+
+
+def raw_response(data: bytes) -> Response:
+    return Response(data, media_type=CBOR_TYPE)
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """Read a request body into one buffer, refusing it past ``limit`` bytes.
+
+    Raises:
+        ApiError: 413 as soon as the declared or received size passes the
+            limit, before the rest is read.
+    """
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise ApiError(
+            413,
+            "payload_too_large",
+            f"body of {declared} bytes is over this route's limit of {limit} bytes",
+        )
+    buffer = bytearray()
+    async for chunk in request.stream():
+        buffer += chunk
+        if len(buffer) > limit:
+            raise ApiError(
+                413,
+                "payload_too_large",
+                f"body is over this route's limit of {limit} bytes",
+            )
+    return bytes(buffer)
+
+
+async def message(request: Request, limit: int) -> Any:
+    data = await read_body(request, limit)
+    return decode_body(data, request.headers.get("content-type", ""))
+
+
+def federation_of(request: Request) -> Federation:
+    federation: Federation = request.app.state.federation
+    return federation
+
+
+async def host_training(request: Request) -> Response:
+    federation = federation_of(request)
+    federation.check_admin(request.headers.get("authorization"))
+    body = await message(request, federation.settings.max_host_bytes)
+    return respond(request, await federation.host(body))
+
+
+async def authenticate(request: Request) -> Response:
+    federation = federation_of(request)
+    body = await message(request, federation.settings.max_message_bytes)
+    return respond(request, await federation.authenticate(body))
+
+
+async def cycle_request(request: Request) -> Response:
+    federation = federation_of(request)
+    body = await message(request, federation.settings.max_message_bytes)
+    return respond(request, await federation.cycle_request(body))
+
+
+async def get_model(request: Request) -> Response:
+    federation = federation_of(request)
+    return raw_response(await federation.get_model(request.query_params))
+
+
+async def get_plan(request: Request) -> Response:
+    federation = federation_of(request)
+    return raw_response(await federation.get_plan(request.query_params))
+
+
+async def report(request: Request) -> Response:
+    federation = federation_of(request)
+    body = await message(request, federation.max_report_bytes())
+    return respond(request, await federation.report(body))
+
+
+async def retrieve_model(request: Request) -> Response:
+    federation = federation_of(request)
+    federation.check_admin(request.headers.get("authorization"))
+    return raw_response(await federation.retrieve(request.query_params))
+
+
+async def status(request: Request) -> Response:
+    return respond(request, await federation_of(request).status())
+
+
+async def health(request: Request) -> Response:
+    return respond(request, {"status": "ok", "version": __version__})
+
+
+async def api_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, ApiError)
+    http_logger.debug(
+        "%s %s refused: %d %s", request.method, request.url.path, exc.status, exc.code
+    )
+    return respond(request, {"error": exc.message, "code": exc.code}, exc.status)
+
+
+async def http_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    code = {404: "route_not_found", 405: "method_not_allowed"}.get(
+        exc.status_code, "http_error"
+    )
+    detail = f"{request.method} {request.url.path}: {exc.detail}"
+    return respond(request, {"error": detail, "code": code}, exc.status_code)
+
+
+async def server_error(request: Request, exc: Exception) -> Response:
+    # Starlette logs the exception with its traceback after this response is
+    # sent; the client only learns that the fault is the server's.
+    return respond(
+        request,
+        {
+            "error": "the server failed to handle this request; see its log",
+            "code": "internal_error",
+        },
+        500,
+    )
+
+
+def create_app(settings: Settings) -> Starlette:
+    """Build the ASGI app; the store opens and closes with the app's lifespan."""
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        federation = Federation(Store(settings.db_path), settings)
+        await federation.start()
+        app.state.federation = federation
+        logger.info("nimble-edge %s ready", __version__)
+        try:
+            yield
+        finally:
+            await federation.stop()
+            logger.info("nimble-edge stopped")
+
+    prefix = "/model-centric"
+    routes = [
+        Route(f"{prefix}/host-training", host_training, methods=["POST"]),
+        Route(f"{prefix}/authenticate", authenticate, methods=["POST"]),
+        Route(f"{prefix}/cycle-request", cycle_request, methods=["POST"]),
+        Route(f"{prefix}/get-model", get_model, methods=["GET"]),
+        Route(f"{prefix}/get-plan", get_plan, methods=["GET"]),
+        Route(f"{prefix}/report", report, methods=["POST"]),
+        Route(f"{prefix}/retrieve-model", retrieve_model, methods=["GET"]),
+        Route("/status", status, methods=["GET"]),
+        Route("/health", health, methods=["GET"]),
+    ]
+    handlers: dict[Any, Callable[[Request, Exception], Awaitable[Response]]] = {
+        ApiError: api_error,
+        HTTPException: http_error,
+        Exception: server_error,
+    }
+    return Starlette(routes=routes, exception_handlers=handlers, lifespan=lifespan)
+
+
+# ============================================================ CLI
+
+
+def env_default(flag: str, default: Any) -> Any:
+    """The flag's ``NIMBLE_EDGE_<FLAG>`` environment variable, else ``default``."""
+    return os.environ.get("NIMBLE_EDGE_" + flag.upper().replace("-", "_"), default)
+
+
+def serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    settings = Settings(
+        db_path=Path(args.db),
+        admin_token=os.environ.get("NIMBLE_EDGE_ADMIN_TOKEN") or None,
+        max_host_bytes=int(args.max_host_mb * MIB),
+    )
+    app = create_app(settings)
+    config = uvicorn.Config(
+        app,
+        host=args.host,
+        port=int(args.port),
+        log_config=None,
+        access_log=args.log_level == "debug",
+        timeout_graceful_shutdown=30,
+    )
+    logger.info(
+        "Starting nimble-edge %s on http://%s:%s", __version__, args.host, args.port
+    )
+    uvicorn.Server(config).run()
+    return 0
+
+
+def migrate(args: argparse.Namespace) -> int:
+    async def run() -> list[str]:
+        store = Store(Path(args.db))
+        await store.open()
+        await store.close()
+        return []
+
+    asyncio.run(run())
+    print(f"{args.db}: schema up to date")
+    return 0
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def start_server(
+    db_path: Path,
+    port: int,
+    token: str,
+    *,
+    log_level: str = "warning",
+    log_file: Any = None,
+) -> subprocess.Popen[bytes]:
+    """Start ``serve`` as its own process on loopback and wait until it answers.
+
+    Raises:
+        RuntimeError: the server exited or did not answer within 60 seconds.
+    """
+    import httpx
+
+    env = dict(os.environ, NIMBLE_EDGE_ADMIN_TOKEN=token)
+    command = [
+        sys.executable,
+        str(Path(__file__).resolve()),
+        "serve",
+        "--db",
+        str(db_path),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--log-level",
+        log_level,
+    ]
+    server = subprocess.Popen(command, env=env, stderr=log_file, stdout=log_file)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if server.poll() is not None:
+            raise RuntimeError(f"the server exited with status {server.returncode}")
+        with contextlib.suppress(httpx.HTTPError):
+            if (
+                httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code
+                == 200
+            ):
+                return server
+        time.sleep(0.1)
+    server.kill()
+    raise RuntimeError("the server did not answer on /health within 60 s")
+
+
+def stop_server(server: subprocess.Popen[bytes]) -> None:
+    server.send_signal(signal.SIGTERM)
+    try:
+        server.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        server.kill()
+        server.wait()
+
+
+def demo(args: argparse.Namespace) -> int:
+    import importlib.util
+
+    path = Path(__file__).resolve().parent / "examples" / "digits" / "demo.py"
+    if not path.is_file():
+        print(
+            "error: the demo needs examples/digits/ from a source checkout",
+            file=sys.stderr,
+        )
+        return 1
+    spec = importlib.util.spec_from_file_location("nimble_edge_digits_demo", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.path.insert(0, str(path.parent))
+    spec.loader.exec_module(module)
+
+    db_path = (
+        Path(args.db)
+        if args.db
+        else Path(tempfile.mkdtemp(prefix="nimble-edge-")) / "demo.sqlite"
+    )
+    if db_path.exists():
+        print(
+            f"error: {db_path} exists; the demo starts from a new file", file=sys.stderr
+        )
+        return 1
+    token = secrets.token_urlsafe(32)
+    port = free_port()
+    print(f"database: {db_path}")
+    server = start_server(db_path, port, token)
+    try:
+        accuracy = module.run(
+            f"127.0.0.1:{port}",
+            token,
+            cycles=args.cycles,
+            workers=args.workers,
+            seed=args.seed,
+        )
+    finally:
+        stop_server(server)
+    print(f"database kept at {db_path}")
+    return 0 if accuracy >= args.min_accuracy else 1
+
+
+def version(args: argparse.Namespace) -> int:
+    import httpx
+    import starlette
+    import uvicorn
+
+    for name, value in [
+        ("nimble-edge", __version__),
+        ("python", platform.python_version()),
+        ("platform", platform.platform()),
+        ("torch", torch.__version__),
+        ("starlette", starlette.__version__),
+        ("uvicorn", uvicorn.__version__),
+        ("aiosqlite", getattr(aiosqlite, "__version__", "?")),
+        ("cbor2", _dist_version("cbor2")),
+        ("pyjwt", jwt.__version__),
+        ("httpx", httpx.__version__),
+        ("sqlite", sqlite3.sqlite_version),
+    ]:
+        print(f"{name}: {value}")
+    return 0
+
+
+def _dist_version(name: str) -> str:
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as dist_version
+
+    try:
+        return dist_version(name)
+    except PackageNotFoundError:
+        return "not installed"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    formatter = argparse.ArgumentDefaultsHelpFormatter
+    parser = argparse.ArgumentParser(
+        prog="nimble-edge",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=formatter,
+    )
+    parser.add_argument(
+        "--log-level",
+        default=env_default("log-level", "info"),
+        choices=["debug", "info", "warning", "error"],
+        help="log level (NIMBLE_EDGE_LOG_LEVEL)",
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    serve_parser = commands.add_parser(
+        "serve", help="run the orchestrator", formatter_class=formatter
+    )
+    serve_parser.add_argument(
+        "--db",
+        default=env_default("db", DEFAULT_DB),
+        help="SQLite file (NIMBLE_EDGE_DB)",
+    )
+    serve_parser.add_argument(
+        "--host",
+        default=env_default("host", DEFAULT_HOST),
+        help="address to listen on; 0.0.0.0 exposes the server to every network "
+        "this box is on (NIMBLE_EDGE_HOST)",
+    )
+    serve_parser.add_argument(
+        "--port",
+        type=int,
+        default=env_default("port", DEFAULT_PORT),
+        help="TCP port (NIMBLE_EDGE_PORT)",
+    )
+    serve_parser.add_argument(
+        "--max-host-mb",
+        type=float,
+        default=env_default("max-host-mb", 512),
+        help="largest host-training upload in MiB (NIMBLE_EDGE_MAX_HOST_MB)",
+    )
+    serve_parser.add_argument(
+        "--log-level",
+        default=argparse.SUPPRESS,
+        choices=["debug", "info", "warning", "error"],
+        help="log level (NIMBLE_EDGE_LOG_LEVEL)",
+    )
+    serve_parser.set_defaults(handler=serve)
+
+    migrate_parser = commands.add_parser(
+        "migrate",
+        help="create or upgrade the SQLite file, then exit",
+        formatter_class=formatter,
+    )
+    migrate_parser.add_argument(
+        "--db",
+        default=env_default("db", DEFAULT_DB),
+        help="SQLite file (NIMBLE_EDGE_DB)",
+    )
+    migrate_parser.set_defaults(handler=migrate)
+
+    demo_parser = commands.add_parser(
+        "demo",
+        help="train a digits classifier with 10 workers over real HTTP",
+        formatter_class=formatter,
+    )
+    demo_parser.add_argument(
+        "--db",
+        default=env_default("demo-db", None),
+        help="new SQLite file; a temporary one when not given (NIMBLE_EDGE_DEMO_DB)",
+    )
+    demo_parser.add_argument(
+        "--cycles",
+        type=int,
+        default=env_default("cycles", 20),
+        help="cycles to run (NIMBLE_EDGE_CYCLES)",
+    )
+    demo_parser.add_argument(
+        "--workers",
+        type=int,
+        default=env_default("workers", 10),
+        help="workers, one data shard each (NIMBLE_EDGE_WORKERS)",
+    )
+    demo_parser.add_argument(
+        "--seed",
+        type=int,
+        default=env_default("seed", 0),
+        help="seed for the split, shards and model (NIMBLE_EDGE_SEED)",
+    )
+    demo_parser.add_argument(
+        "--min-accuracy",
+        type=float,
+        default=env_default("min-accuracy", 0.90),
+        help="exit 1 below this final test accuracy (NIMBLE_EDGE_MIN_ACCURACY)",
+    )
+    demo_parser.set_defaults(handler=demo)
+
+    version_parser = commands.add_parser(
+        "version", help="print versions for a bug report", formatter_class=formatter
+    )
+    version_parser.set_defaults(handler=version)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    # httpx narrates every request at INFO; the demo makes thousands.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    try:
+        return int(args.handler(args))
+    except KeyboardInterrupt:
+        return 130
+    except (OSError, RuntimeError, sqlite3.Error) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,381 @@
+"""The tensor state codec: model states, checkpoints and diffs as CBOR.
+
+A state is one CBOR document that any CBOR library can read::
+
+    {"format": "nimble-edge/state", "version": 1,
+     "tensors": [{"name": "fc1.weight", "value": 40([[392, 784], 85(h'...')])}]}
+
+Values use RFC 8746 typed arrays (tag 40 around the dimensions and a typed
+array tag), little endian on the wire. Dtypes that RFC 8746 lacks (bool,
+bfloat16) are written as ``{"dtype": ..., "shape": ..., "data": bytes}``.
+
+The decoder checks every byte length against the claimed shape before it
+creates a tensor, so a document cannot make it allocate more than it holds,
+and it maps the received bytes into tensors without copying where alignment
+allows.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import math
+import sys
+import warnings
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import cbor2
+import torch
+
+__all__ = [
+    "STATE_FORMAT",
+    "STATE_VERSION",
+    "StateError",
+    "decode_message",
+    "decode_state",
+    "decode_tensor",
+    "encode_state",
+    "encode_tensor",
+    "state_spec",
+]
+
+STATE_FORMAT = "nimble-edge/state"
+STATE_VERSION = 1
+
+# Deep enough for a state document (map, list, map, tag, list, tag) with room
+# to spare; far below what would exhaust the C stack.
+MAX_DEPTH = 24
+MAX_DIMS = 32
+
+# RFC 8746 typed-array tags: little-endian tags are written, both are read.
+_TAG_BY_DTYPE: dict[torch.dtype, int] = {
+    torch.uint8: 64,
+    torch.int8: 72,
+    torch.int16: 77,
+    torch.int32: 78,
+    torch.int64: 79,
+    torch.float16: 84,
+    torch.float32: 85,
+    torch.float64: 86,
+}
+_LITTLE_TAGS: dict[int, torch.dtype] = {tag: d for d, tag in _TAG_BY_DTYPE.items()}
+_BIG_TAGS: dict[int, torch.dtype] = {
+    73: torch.int16,
+    74: torch.int32,
+    75: torch.int64,
+    80: torch.float16,
+    81: torch.float32,
+    82: torch.float64,
+}
+# The explicit form, for dtypes that RFC 8746 has no tag for.
+_NAMED_DTYPES: dict[str, torch.dtype] = {
+    "bool": torch.bool,
+    "bfloat16": torch.bfloat16,
+}
+DTYPE_NAMES: dict[torch.dtype, str] = {
+    torch.bool: "bool",
+    torch.uint8: "uint8",
+    torch.int8: "int8",
+    torch.int16: "int16",
+    torch.int32: "int32",
+    torch.int64: "int64",
+    torch.float16: "float16",
+    torch.bfloat16: "bfloat16",
+    torch.float32: "float32",
+    torch.float64: "float64",
+}
+DTYPES_BY_NAME: dict[str, torch.dtype] = {v: k for k, v in DTYPE_NAMES.items()}
+
+# Tags that cbor2 decodes into Python objects on its own (dates, bignums,
+# regular expressions, shared references...). Untrusted documents get none.
+_NATIVE_TAGS: tuple[int, ...] = (0, 1, 2, 3, 4, 5, 25, 28, 29, 30, 35, 36, 37, 52)
+_NATIVE_TAGS += (54, 100, 256, 258, 260, 261, 1004, 55799)
+
+
+class StateError(ValueError):
+    """A state document is malformed or does not match what was expected."""
+
+
+class _RawArray:
+    """A typed array kept as bytes until the enclosing tag 40 gives its shape."""
+
+    __slots__ = ("data", "dtype", "is_big_endian")
+
+    def __init__(self, data: bytes, dtype: torch.dtype, is_big_endian: bool):
+        self.data = data
+        self.dtype = dtype
+        self.is_big_endian = is_big_endian
+
+
+class _NdArray:
+    __slots__ = ("array", "shape")
+
+    def __init__(self, shape: Any, array: Any):
+        self.shape = shape
+        self.array = array
+
+
+def _refuse_tag(tag: Any, immutable: bool) -> Any:
+    number = getattr(tag, "tag", tag)
+    raise StateError(f"CBOR tag {number} is not allowed here")
+
+
+def _refuse_native(value: Any, immutable: bool) -> Any:
+    raise StateError("CBOR tags other than RFC 8746 arrays are not allowed here")
+
+
+def _typed_array_decoder(dtype: torch.dtype, is_big_endian: bool) -> Any:
+    def decode(value: Any, immutable: bool) -> _RawArray:
+        if not isinstance(value, bytes):
+            raise StateError(
+                f"a typed array must hold a byte string; got {type(value).__name__}"
+            )
+        return _RawArray(value, dtype, is_big_endian)
+
+    return decode
+
+
+def _nd_array(value: Any, immutable: bool) -> _NdArray:
+    if not isinstance(value, (list, tuple)) or len(value) != 2:
+        raise StateError("tag 40 must hold [dimensions, typed array]")
+    return _NdArray(value[0], value[1])
+
+
+_STATE_DECODERS: dict[int, Any] = {tag: _refuse_native for tag in _NATIVE_TAGS}
+_STATE_DECODERS[40] = _nd_array
+for _tag, _dtype in _LITTLE_TAGS.items():
+    _STATE_DECODERS[_tag] = _typed_array_decoder(_dtype, False)
+for _tag, _dtype in _BIG_TAGS.items():
+    _STATE_DECODERS[_tag] = _typed_array_decoder(_dtype, True)
+_MESSAGE_DECODERS: dict[int, Any] = {tag: _refuse_native for tag in _NATIVE_TAGS}
+
+
+def decode_message(data: bytes, *, max_depth: int = MAX_DEPTH) -> Any:
+    """Decode an untrusted control message that may use no CBOR tags at all.
+
+    Raises:
+        StateError: the bytes are not one well-formed, tag-free CBOR item.
+    """
+    return _loads(data, _MESSAGE_DECODERS, max_depth)
+
+
+def _loads(data: bytes, decoders: Mapping[int, Any], max_depth: int) -> Any:
+    try:
+        return cbor2.loads(
+            data,
+            semantic_decoders=decoders,
+            tag_hook=_refuse_tag,
+            max_depth=max_depth,
+            allow_indefinite=False,
+        )
+    except StateError:
+        raise
+    except (cbor2.CBORError, ValueError, TypeError, OverflowError) as exc:
+        cause = exc.__cause__ or exc.__context__
+        if isinstance(cause, StateError):
+            raise StateError(str(cause)) from exc
+        raise StateError(f"not a well-formed CBOR document: {exc}") from exc
+    except RecursionError as exc:
+        raise StateError(f"CBOR nested deeper than {max_depth} levels") from exc
+
+
+# ---------------------------------------------------------------- encoding
+
+
+def _tensor_bytes(tensor: torch.Tensor) -> bytes:
+    tensor = tensor.detach().to("cpu").contiguous()
+    nbytes = tensor.numel() * tensor.element_size()
+    if nbytes == 0:
+        return b""
+    if sys.byteorder == "big" and tensor.element_size() > 1:
+        tensor = tensor.view(torch.uint8).reshape(-1, tensor.element_size())
+        tensor = tensor.flip(1).contiguous()
+    return ctypes.string_at(tensor.data_ptr(), nbytes)
+
+
+def encode_tensor(tensor: torch.Tensor) -> Any:
+    """Return the CBOR-ready value for one tensor (tag 40, or the named form).
+
+    Raises:
+        StateError: the dtype has no wire form (complex, quantized, ...).
+    """
+    shape = list(tensor.shape)
+    tag = _TAG_BY_DTYPE.get(tensor.dtype)
+    if tag is not None:
+        return cbor2.CBORTag(40, [shape, cbor2.CBORTag(tag, _tensor_bytes(tensor))])
+
+    name = DTYPE_NAMES.get(tensor.dtype)
+    if name not in _NAMED_DTYPES:
+        raise StateError(
+            f"dtype {tensor.dtype} has no wire form; expected one of "
+            f"{', '.join(sorted(DTYPES_BY_NAME))}"
+        )
+    return {"dtype": name, "shape": shape, "data": _tensor_bytes(tensor)}
+
+
+def _named_tensors(
+    state: Mapping[str, torch.Tensor] | Sequence[torch.Tensor],
+) -> Iterable[tuple[str, torch.Tensor]]:
+    if isinstance(state, Mapping):
+        return state.items()
+    return ((str(i), t) for i, t in enumerate(state))
+
+
+def encode_state(state: Mapping[str, torch.Tensor] | Sequence[torch.Tensor]) -> bytes:
+    """Encode named tensors (a state dict) or a list of tensors as one document.
+
+    A list gets the names ``"0"``, ``"1"``, ... in its order.
+
+    Raises:
+        StateError: a value is not a tensor, or has a dtype with no wire form.
+    """
+    tensors = []
+    for name, tensor in _named_tensors(state):
+        if not isinstance(tensor, torch.Tensor):
+            raise StateError(
+                f"state entry {name!r} must be a tensor; got {type(tensor).__name__}"
+            )
+        tensors.append({"name": str(name), "value": encode_tensor(tensor)})
+    document = {"format": STATE_FORMAT, "version": STATE_VERSION, "tensors": tensors}
+    return cbor2.dumps(document)
+
+
+# ---------------------------------------------------------------- decoding
+
+
+def _check_shape(shape: Any, where: str) -> list[int]:
+    if not isinstance(shape, (list, tuple)) or len(shape) > MAX_DIMS:
+        raise StateError(
+            f"{where}: dimensions must be a list of at most {MAX_DIMS} integers; "
+            f"got {shape!r:.80}"
+        )
+    for dim in shape:
+        if type(dim) is not int or dim < 0:
+            raise StateError(
+                f"{where}: dimensions must be non-negative integers; got {dim!r:.40}"
+            )
+    return list(shape)
+
+
+def _from_bytes(
+    data: bytes, dtype: torch.dtype, shape: list[int], *, copy: bool, big: bool
+) -> torch.Tensor:
+    count = math.prod(shape)
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    if len(data) != count * itemsize:
+        raise StateError(
+            f"shape {shape} of {DTYPE_NAMES[dtype]} needs {count * itemsize} "
+            f"bytes; got {len(data)}"
+        )
+    if count == 0:
+        return torch.empty(shape, dtype=dtype)
+
+    if big and itemsize > 1:
+        raw = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+        swapped = raw.reshape(-1, itemsize).flip(1).contiguous()
+        return swapped.view(dtype).reshape(shape)
+    if copy:
+        return torch.frombuffer(bytearray(data), dtype=dtype).reshape(shape)
+    # frombuffer warns that bytes are read-only; the caller asked for a view.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        tensor = torch.frombuffer(data, dtype=dtype).reshape(shape)
+    if tensor.data_ptr() % itemsize:
+        return tensor.clone()
+    return tensor
+
+
+def decode_tensor(value: Any, *, where: str = "value", copy: bool = True) -> Any:
+    """Turn one decoded wire value (tag 40 or the named form) into a tensor.
+
+    Args:
+        value: what :func:`decode_state`'s CBOR pass produced for the value.
+        where: names the value in error messages.
+        copy: give the tensor its own writable memory; ``False`` maps the
+            received bytes (read-only) where alignment allows.
+
+    Raises:
+        StateError: the value is not a tensor, or its bytes do not match its
+            shape.
+    """
+    if isinstance(value, _NdArray):
+        shape = _check_shape(value.shape, where)
+        if not isinstance(value.array, _RawArray):
+            raise StateError(f"{where}: tag 40 must wrap an RFC 8746 typed array")
+        raw = value.array
+        return _from_bytes(raw.data, raw.dtype, shape, copy=copy, big=raw.is_big_endian)
+
+    if isinstance(value, dict) and set(value) == {"dtype", "shape", "data"}:
+        dtype = (
+            _NAMED_DTYPES.get(value["dtype"])
+            if isinstance(value["dtype"], str)
+            else None
+        )
+        if dtype is None:
+            raise StateError(
+                f"{where}: dtype must be one of {sorted(_NAMED_DTYPES)} in the "
+                f"named form; got {value['dtype']!r:.40}"
+            )
+        if not isinstance(value["data"], bytes):
+            raise StateError(f"{where}: data must be a byte string")
+        shape = _check_shape(value["shape"], where)
+        return _from_bytes(value["data"], dtype, shape, copy=copy, big=False)
+
+    raise StateError(
+        f"{where}: expected an RFC 8746 tag 40 array or "
+        f'{{"dtype", "shape", "data"}}; got {type(value).__name__}'
+    )
+
+
+def decode_state(data: bytes, *, copy: bool = True) -> dict[str, torch.Tensor]:
+    """Decode a state document into an ordered ``{name: tensor}`` dict.
+
+    Args:
+        data: the document's bytes.
+        copy: give each tensor its own writable memory. ``False`` maps the
+            tensors onto the document's buffers, which is faster and uses
+            less memory, but the tensors must then never be written to.
+
+    Raises:
+        StateError: the bytes are not a valid state document; the message
+            says what was received and what is expected.
+    """
+    document = _loads(data, _STATE_DECODERS, MAX_DEPTH)
+    if not isinstance(document, dict):
+        raise StateError(
+            f"a state document must be a map; got {type(document).__name__}"
+        )
+    if document.get("format") != STATE_FORMAT:
+        raise StateError(
+            f'"format" must be {STATE_FORMAT!r}; got {document.get("format")!r:.60}'
+        )
+    if document.get("version") != STATE_VERSION:
+        raise StateError(
+            f'"version" {document.get("version")!r:.20} is not supported; '
+            f"this runtime reads version {STATE_VERSION}"
+        )
+    entries = document.get("tensors")
+    if not isinstance(entries, list):
+        raise StateError('"tensors" must be a list of {"name", "value"} maps')
+
+    state: dict[str, torch.Tensor] = {}
+    for index, entry in enumerate(entries):
+        if not isinstance(entry, dict) or not isinstance(entry.get("name"), str):
+            raise StateError(f"tensor {index} must be a map with a string name")
+        name = entry["name"]
+        if name in state:
+            raise StateError(f"tensor name {name!r:.60} appears twice")
+        state[name] = decode_tensor(
+            entry.get("value"), where=f"tensor {name!r:.60}", copy=copy
+        )
+    return state
+
+
+def state_spec(
+    state: Mapping[str, torch.Tensor],
+) -> list[tuple[str, str, tuple[int, ...]]]:
+    """Return ``(name, dtype, shape)`` per tensor, in order: what diffs must match."""
+    return [
+        (name, DTYPE_NAMES.get(t.dtype, str(t.dtype)), tuple(t.shape))
+        for name, t in state.items()
+    ]

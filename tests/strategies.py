@@ -1,0 +1,52 @@
+"""Hypothesis strategies shared by the test modules."""
+
+from __future__ import annotations
+
+import torch
+from hypothesis import strategies as st
+
+# Every dtype the wire format carries: the RFC 8746 ones and the named forms.
+WIRE_DTYPES = [
+    torch.bool,
+    torch.uint8,
+    torch.int8,
+    torch.int16,
+    torch.int32,
+    torch.int64,
+    torch.float16,
+    torch.bfloat16,
+    torch.float32,
+    torch.float64,
+]
+
+# Up to 4 dimensions of up to 5 elements; 0 is included so that empty
+# tensors are exercised, and () gives the 0-d case.
+shapes = st.lists(st.integers(min_value=0, max_value=5), min_size=0, max_size=4).map(
+    tuple
+)
+
+
+@st.composite
+def tensors(draw: st.DrawFn, dtype: torch.dtype | None = None) -> torch.Tensor:
+    dtype = dtype or draw(st.sampled_from(WIRE_DTYPES))
+    shape = draw(shapes)
+    seed = draw(st.integers(min_value=0, max_value=2**31 - 1))
+    generator = torch.Generator().manual_seed(seed)
+    if dtype == torch.bool:
+        return torch.randint(0, 2, shape, generator=generator).bool()
+    if dtype.is_floating_point:
+        # Scaled normals cover signs and magnitudes; NaN and inf are not
+        # excluded by the codec, but they break == comparison, so they have
+        # their own test.
+        return (torch.randn(shape, generator=generator) * 100).to(dtype)
+    info = torch.iinfo(dtype)
+    return torch.randint(info.min, info.max, shape, generator=generator, dtype=dtype)
+
+
+names = st.text(min_size=1, max_size=20)
+
+
+@st.composite
+def states(draw: st.DrawFn) -> dict[str, torch.Tensor]:
+    keys = draw(st.lists(names, min_size=0, max_size=5, unique=True))
+    return {key: draw(tensors()) for key in keys}

@@ -1,0 +1,221 @@
+"""One error envelope on every error path: {"error": message, "code": code}."""
+
+from __future__ import annotations
+
+import json
+
+import cbor2
+import httpx
+import pytest
+import torch
+
+from plan_runtime.state import encode_state
+
+CBOR = {"Content-Type": "application/cbor"}
+
+
+def envelope(response: httpx.Response) -> dict:
+    if response.headers["content-type"].startswith("application/json"):
+        return response.json()
+    assert response.headers["content-type"].startswith("application/cbor")
+    return cbor2.loads(response.content)
+
+
+def assert_envelope(response: httpx.Response, status: int, code: str) -> str:
+    body = envelope(response)
+
+    assert response.status_code == status, body
+    assert set(body) == {"error", "code"}
+    assert body["code"] == code
+    assert isinstance(body["error"], str) and body["error"]
+    assert "Traceback" not in response.text
+    return body["error"]
+
+
+@pytest.fixture
+def assigned(server, host):
+    """A worker admitted to a fresh process: (name, keys)."""
+    name, _ = host(max_diffs=2)
+    api = f"{server.url}/model-centric"
+    worker_id = httpx.post(f"{api}/authenticate", json={"model_name": name}).json()[
+        "worker_id"
+    ]
+    cycle = httpx.post(
+        f"{api}/cycle-request", json={"worker_id": worker_id, "model": name}
+    ).json()
+    return name, {"worker_id": worker_id, "request_key": cycle["request_key"]}
+
+
+def test_unknown_route_and_method(server):
+    assert_envelope(httpx.get(f"{server.url}/nope"), 404, "route_not_found")
+    assert_envelope(
+        httpx.get(f"{server.url}/model-centric/report"), 405, "method_not_allowed"
+    )
+
+
+def test_malformed_bodies(server):
+    api = f"{server.url}/model-centric/authenticate"
+
+    assert_envelope(
+        httpx.post(api, content=b"\xff\x00", headers=CBOR), 400, "invalid_body"
+    )
+    assert_envelope(
+        httpx.post(api, content=b"{", headers={"Content-Type": "application/json"}),
+        400,
+        "invalid_body",
+    )
+    assert_envelope(
+        httpx.post(api, content=b"a", headers={"Content-Type": "text/plain"}),
+        415,
+        "unsupported_media_type",
+    )
+    assert_envelope(
+        httpx.post(api, content=cbor2.dumps([1]), headers=CBOR), 400, "invalid_body"
+    )
+    assert_envelope(
+        httpx.post(api, content=cbor2.dumps({"model_name": 5}), headers=CBOR),
+        400,
+        "invalid_field",
+    )
+    assert_envelope(
+        httpx.post(api, content=cbor2.dumps({}), headers=CBOR), 400, "missing_field"
+    )
+
+
+def test_json_requests_get_json_errors(server):
+    response = httpx.post(
+        f"{server.url}/model-centric/authenticate",
+        json={"model_name": "no-such-process"},
+    )
+
+    assert response.headers["content-type"].startswith("application/json")
+    message = assert_envelope(response, 404, "process_not_found")
+    assert "no-such-process" in message
+
+
+def test_worker_errors(server, assigned):
+    name, keys = assigned
+    api = f"{server.url}/model-centric"
+
+    assert_envelope(
+        httpx.post(f"{api}/cycle-request", json={"worker_id": "forged", "model": name}),
+        401,
+        "unknown_worker",
+    )
+    assert_envelope(
+        httpx.get(f"{api}/get-model", params={**keys, "request_key": "forged"}),
+        403,
+        "unknown_assignment",
+    )
+    assert_envelope(
+        httpx.get(f"{api}/get-model", params={**keys, "model_id": "999999"}),
+        404,
+        "model_not_found",
+    )
+    assert_envelope(
+        httpx.get(f"{api}/get-plan", params={**keys, "plan_id": "x"}),
+        400,
+        "invalid_field",
+    )
+    assert_envelope(
+        httpx.get(f"{api}/get-plan", params={**keys, "plan_id": "999999"}),
+        404,
+        "plan_not_found",
+    )
+    assert_envelope(
+        httpx.get(
+            f"{api}/get-plan",
+            params={**keys, "plan_id": "1", "receive_operations_as": "torchscript"},
+        ),
+        404,
+        "plan_not_found",
+    )
+
+
+def test_report_errors(server, assigned):
+    _, keys = assigned
+    api = f"{server.url}/model-centric/report"
+    good = encode_state({"fc.weight": torch.zeros(3, 4), "fc.bias": torch.zeros(3)})
+    wrong = encode_state({"fc.weight": torch.zeros(4, 3), "fc.bias": torch.zeros(3)})
+
+    def post(body):
+        return httpx.post(api, content=cbor2.dumps(body), headers=CBOR)
+
+    assert_envelope(post({**keys, "diff": b"junk"}), 400, "invalid_diff")
+    assert_envelope(post({**keys, "diff": wrong}), 400, "invalid_diff")
+    assert_envelope(
+        post({**keys, "diff": good, "num_samples": 0}), 400, "invalid_field"
+    )
+    assert_envelope(
+        post({**keys, "diff": good, "num_samples": "3"}), 400, "invalid_field"
+    )
+    assert_envelope(
+        post({**keys, "diff": good, "metrics": {"loss": "x"}}), 400, "invalid_field"
+    )
+    assert_envelope(post({**keys, "diff": "not base64!"}), 400, "invalid_field")
+    assert_envelope(post({**keys}), 400, "missing_field")
+    assert_envelope(
+        httpx.post(api, content=b"\x00" * (10 * 1024 * 1024), headers=CBOR),
+        413,
+        "payload_too_large",
+    )
+
+
+def test_admin_errors(server, plan):
+    api = f"{server.url}/model-centric"
+    admin = {"Authorization": f"Bearer {server.token}", **CBOR}
+    model = encode_state([torch.zeros(3, 4), torch.zeros(3)])
+
+    def host(**fields):
+        body = {
+            "model": model,
+            "plans": {"training_plan": plan.to_bytes()},
+            "client_config": {"name": "err", "version": "1"},
+            "server_config": {},
+            **fields,
+        }
+        return httpx.post(
+            f"{api}/host-training", content=cbor2.dumps(body), headers=admin
+        )
+
+    assert_envelope(
+        httpx.post(f"{api}/host-training", content=b""), 401, "unauthorized"
+    )
+    assert_envelope(host(server_config={"cycle_length": -5}), 400, "invalid_config")
+    assert_envelope(host(model=b"junk"), 400, "invalid_model")
+    assert_envelope(host(plans={"training_plan": b"junk"}), 400, "invalid_plan")
+    assert_envelope(host(averaging_plan=plan.to_bytes()), 400, "unsupported")
+    assert_envelope(host(client_config={"name": "err"}), 400, "missing_field")
+    assert_envelope(
+        httpx.get(f"{api}/retrieve-model", params={"name": "nope"}, headers=admin),
+        404,
+        "process_not_found",
+    )
+    assert_envelope(
+        httpx.get(
+            f"{api}/retrieve-model",
+            params={"name": "nope", "checkpoint": "x"},
+            headers=admin,
+        ),
+        404,
+        "process_not_found",
+    )
+
+
+def test_bad_secret_is_refused_without_echoing_it(server, plan):
+    admin = {"Authorization": f"Bearer {server.token}", **CBOR}
+    body = {
+        "model": encode_state([torch.zeros(1)]),
+        "plans": {},
+        "client_config": {"name": "short-secret", "version": "1"},
+        "server_config": {"authentication": {"type": "jwt", "secret": "hunter2"}},
+    }
+
+    response = httpx.post(
+        f"{server.url}/model-centric/host-training",
+        content=cbor2.dumps(body),
+        headers=admin,
+    )
+
+    message = assert_envelope(response, 400, "invalid_config")
+    assert "hunter2" not in message and "hunter2" not in json.dumps(envelope(response))

@@ -1,0 +1,160 @@
+"""The tensor state codec: round trips, the wire form, and refusals."""
+
+from __future__ import annotations
+
+import struct
+
+import cbor2
+import pytest
+import torch
+from hypothesis import given
+
+from plan_runtime.state import (
+    StateError,
+    decode_message,
+    decode_state,
+    encode_state,
+)
+from tests.strategies import states, tensors
+
+
+def _document(value: object, name: str = "w") -> bytes:
+    return cbor2.dumps(
+        {
+            "format": "nimble-edge/state",
+            "version": 1,
+            "tensors": [{"name": name, "value": value}],
+        }
+    )
+
+
+@given(states())
+def test_state_round_trips_names_order_dtypes_and_values(state):
+    decoded = decode_state(encode_state(state))
+
+    assert list(decoded) == list(state)
+    for name, tensor in state.items():
+        assert decoded[name].dtype == tensor.dtype
+        assert decoded[name].shape == tensor.shape
+        assert torch.equal(decoded[name], tensor)
+
+
+@given(tensors())
+def test_zero_copy_decoding_gives_the_same_values(tensor):
+    decoded = decode_state(encode_state([tensor]), copy=False)["0"]
+
+    assert torch.equal(decoded, tensor)
+
+
+def test_list_state_is_named_by_position():
+    decoded = decode_state(encode_state([torch.ones(2), torch.zeros(3)]))
+
+    assert list(decoded) == ["0", "1"]
+
+
+def test_float32_uses_rfc8746_tag_85_inside_tag_40():
+    data = encode_state({"w": torch.tensor([[1.0, 2.0]])})
+
+    value = cbor2.loads(data)["tensors"][0]["value"]
+
+    assert value.tag == 40
+    dims, array = value.value
+    assert list(dims) == [1, 2]
+    assert array.tag == 85
+    assert array.value == struct.pack("<2f", 1.0, 2.0)
+
+
+def test_bool_uses_the_named_form():
+    data = encode_state({"mask": torch.tensor([True, False])})
+
+    value = cbor2.loads(data)["tensors"][0]["value"]
+
+    assert value == {"dtype": "bool", "shape": [2], "data": b"\x01\x00"}
+
+
+def test_nan_and_infinity_survive_the_round_trip():
+    tensor = torch.tensor([float("nan"), float("inf"), -float("inf"), 1.5])
+
+    decoded = decode_state(encode_state([tensor]))["0"]
+
+    assert torch.equal(decoded.isnan(), tensor.isnan())
+    assert torch.equal(decoded[1:], tensor[1:])
+
+
+def test_big_endian_arrays_from_other_clients_are_read():
+    value = cbor2.CBORTag(40, [[2], cbor2.CBORTag(81, struct.pack(">2f", 1.5, -2.0))])
+
+    decoded = decode_state(_document(value))["w"]
+
+    assert decoded.tolist() == [1.5, -2.0]
+
+
+def test_shape_claiming_more_elements_than_bytes_is_refused():
+    value = cbor2.CBORTag(40, [[10**6, 10**6], cbor2.CBORTag(85, b"\x00" * 8)])
+
+    with pytest.raises(StateError, match="needs 4000000000000 bytes; got 8"):
+        decode_state(_document(value))
+
+
+def test_negative_dimension_is_refused():
+    value = cbor2.CBORTag(40, [[-2], cbor2.CBORTag(85, b"\x00" * 8)])
+
+    with pytest.raises(StateError, match="non-negative"):
+        decode_state(_document(value))
+
+
+def test_duplicate_names_are_refused():
+    value = cbor2.CBORTag(40, [[1], cbor2.CBORTag(85, b"\x00" * 4)])
+    data = cbor2.dumps(
+        {
+            "format": "nimble-edge/state",
+            "version": 1,
+            "tensors": [{"name": "a", "value": value}, {"name": "a", "value": value}],
+        }
+    )
+
+    with pytest.raises(StateError, match="appears twice"):
+        decode_state(data)
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        (b"", "not a well-formed"),
+        (b"\xa1", "not a well-formed"),
+        (cbor2.dumps([1, 2]), "must be a map"),
+        (cbor2.dumps({"format": "other", "version": 1}), '"format" must be'),
+        (cbor2.dumps({"format": "nimble-edge/state", "version": 9}), "not supported"),
+        (cbor2.dumps({"format": "nimble-edge/state", "version": 1}), '"tensors"'),
+    ],
+)
+def test_malformed_documents_are_refused_with_a_reason(data, message):
+    with pytest.raises(StateError, match=message):
+        decode_state(data)
+
+
+def test_other_cbor_tags_are_refused_in_state_documents():
+    with pytest.raises(StateError, match="tag"):
+        decode_state(_document(cbor2.CBORTag(35, "a+")))
+
+
+def test_messages_refuse_every_tag():
+    for tag in (0, 1, 2, 28, 29, 35, 40, 85, 9999):
+        with pytest.raises(StateError):
+            decode_message(cbor2.dumps({"x": cbor2.CBORTag(tag, b"\x01")}))
+
+
+def test_deep_nesting_is_refused_without_recursion_error():
+    data = b"\x81" * 5000 + b"\x00"
+
+    with pytest.raises(StateError):
+        decode_message(data)
+
+
+def test_state_error_is_also_a_value_error():
+    assert issubclass(StateError, ValueError)
+
+
+def test_complex_tensors_have_no_wire_form():
+    with pytest.raises(StateError, match="no wire form"):
+        encode_state([torch.zeros(2, dtype=torch.complex64)])
