@@ -55,14 +55,16 @@ from typing import Any
 
 import aiosqlite
 import cbor2
+import httpx
 import jwt
 import torch
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
-from starlette.responses import Response
+from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
+from plan_runtime.http import ServerError
 from plan_runtime.plan import Plan, PlanError
 from plan_runtime.state import (
     StateError,
@@ -99,10 +101,21 @@ SERVER_CONFIG_DEFAULTS: dict[str, Any] = {
     "cycle_length": 3600,
     "min_diffs": 1,
     "max_diffs": None,
+    "max_workers": None,
+    "on_deadline": "extend",
     "minimum_upload_speed": 0,
     "minimum_download_speed": 0,
+    "do_not_reuse_workers_until_cycle": 0,
+    "pool_selection": "iterate",
+    "selection_probability": 0.5,
     "authentication": None,
 }
+
+# The speed-test routes move at most this much per request, in chunks of
+# SPEED_TEST_CHUNK bytes, so a probe never holds more than one chunk.
+SPEED_TEST_DEFAULT_BYTES = 1 * MIB
+SPEED_TEST_MAX_BYTES = 32 * MIB
+SPEED_TEST_CHUNK = 64 * KIB
 
 
 @dataclass(frozen=True)
@@ -153,11 +166,17 @@ CBOR_TYPE = "application/cbor"
 
 
 def wants_json(request: Request) -> bool:
-    """Whether a response should be JSON: the client sent or asked for it."""
+    """Whether a response should be JSON: the client sent or asked for it.
+
+    The routes people open by hand (/status, /health) answer JSON unless
+    CBOR is asked for; the model-centric routes answer CBOR unless JSON is.
+    """
     content_type = request.headers.get("content-type", "")
     accept = request.headers.get("accept", "")
     if CBOR_TYPE in accept:
         return False
+    if not request.url.path.startswith("/model-centric/"):
+        return True
     return content_type.startswith(JSON_TYPE) or JSON_TYPE in accept
 
 
@@ -241,9 +260,35 @@ def hash_token(token: str) -> str:
 
 
 _HMAC_ALGORITHMS = frozenset({"HS256", "HS384", "HS512"})
-_PUBLIC_KEY_ALGORITHMS = frozenset(
-    {"RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512"}
+_RSA_ALGORITHMS = frozenset({"RS256", "RS384", "RS512", "PS256", "PS384", "PS512"})
+_EC_ALGORITHMS = frozenset({"ES256", "ES384", "ES512"})
+_AUTH_KEYS = frozenset(
+    {"type", "secret", "pub_key", "algorithms", "audience", "issuer", "require_exp"}
 )
+
+
+def _public_key_algorithms(pem: str) -> frozenset[str]:
+    """The JWT algorithms that a PEM public key can verify: its family only."""
+    from cryptography.exceptions import UnsupportedAlgorithm
+    from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
+    from cryptography.hazmat.primitives.serialization import load_pem_public_key
+
+    try:
+        key = load_pem_public_key(pem.encode())
+    except (ValueError, TypeError, UnsupportedAlgorithm) as exc:
+        raise bad_request(
+            '"pub_key" must be a PEM public key ("-----BEGIN PUBLIC KEY-----...")',
+            "invalid_config",
+        ) from exc
+    if isinstance(key, rsa.RSAPublicKey):
+        return _RSA_ALGORITHMS
+    if isinstance(key, ec.EllipticCurvePublicKey):
+        return _EC_ALGORITHMS
+    if isinstance(key, (ed25519.Ed25519PublicKey, ed448.Ed448PublicKey)):
+        return frozenset({"EdDSA"})
+    raise bad_request(
+        '"pub_key" must be an RSA, EC or Ed25519 public key', "invalid_config"
+    )
 
 
 def check_auth_config(config: Any) -> dict[str, Any]:
@@ -252,24 +297,19 @@ def check_auth_config(config: Any) -> dict[str, Any]:
     Raises:
         ApiError: 400 for a missing key, a key of the wrong family for the
             algorithms, or an algorithm that is not accepted (never ``none``).
+            Messages never quote the secret or the key.
     """
     if not isinstance(config, dict) or config.get("type") != "jwt":
         raise bad_request(
             '"authentication" must be {"type": "jwt", "secret" or "pub_key": ...}',
             "invalid_config",
         )
-    unknown = set(config) - {
-        "type",
-        "secret",
-        "pub_key",
-        "algorithms",
-        "audience",
-        "issuer",
-        "require_exp",
-    }
+    unknown = sorted(set(config) - _AUTH_KEYS)
     if unknown:
         raise bad_request(
-            f'"authentication" has unknown key {sorted(unknown)[0]!r}', "invalid_config"
+            f'"authentication" has unknown key {unknown[0]!r:.40}; known keys: '
+            f"{', '.join(sorted(_AUTH_KEYS))}",
+            "invalid_config",
         )
     has_secret = isinstance(config.get("secret"), str) and config["secret"] != ""
     has_key = isinstance(config.get("pub_key"), str) and config["pub_key"] != ""
@@ -284,17 +324,39 @@ def check_auth_config(config: Any) -> dict[str, Any]:
             f"{len(config['secret'].encode())}",
             "invalid_config",
         )
-    family = _HMAC_ALGORITHMS if has_secret else _PUBLIC_KEY_ALGORITHMS
-    algorithms = config.get("algorithms") or (["HS256"] if has_secret else ["RS256"])
-    if not isinstance(algorithms, list) or not set(algorithms) <= family:
+
+    family = (
+        _HMAC_ALGORITHMS if has_secret else _public_key_algorithms(config["pub_key"])
+    )
+    default = "HS256" if has_secret else sorted(family)[0]
+    algorithms = config.get("algorithms") or [default]
+    is_list = isinstance(algorithms, list) and all(
+        isinstance(a, str) for a in algorithms
+    )
+    if not is_list or not set(algorithms) <= family:
         raise bad_request(
             f'"algorithms" must be a list drawn from {sorted(family)} for this key; '
             f"got {algorithms!r:.80}",
             "invalid_config",
         )
-    normalised = dict(config, algorithms=algorithms)
-    normalised["require_exp"] = bool(config.get("require_exp", False))
-    return normalised
+
+    audience = config.get("audience")
+    if audience is not None and not (
+        isinstance(audience, str)
+        or (isinstance(audience, list) and all(isinstance(a, str) for a in audience))
+    ):
+        raise bad_request(
+            '"audience" must be a string or a list of strings', "invalid_config"
+        )
+    if config.get("issuer") is not None and not isinstance(config["issuer"], str):
+        raise bad_request('"issuer" must be a string', "invalid_config")
+    if not isinstance(config.get("require_exp", False), bool):
+        raise bad_request('"require_exp" must be true or false', "invalid_config")
+    return {
+        **config,
+        "algorithms": algorithms,
+        "require_exp": config.get("require_exp", False),
+    }
 
 
 def verify_worker_token(token: Any, config: dict[str, Any]) -> dict[str, Any]:
@@ -642,6 +704,21 @@ class Queries:
         )
         return None if row is None else (row["request_key"], bool(row["has_reported"]))
 
+    async def last_cycle_of(self, worker_id: str) -> int | None:
+        """The number of the latest cycle in which a worker was assigned."""
+        row = await self._one(
+            "SELECT max(c.number) AS number FROM assignments a "
+            "JOIN cycles c ON c.id = a.cycle_id WHERE a.worker_id = ?",
+            (worker_id,),
+        )
+        return None if row["number"] is None else int(row["number"])
+
+    async def assignment_count(self, cycle_id: int) -> int:
+        row = await self._one(
+            "SELECT count(*) AS n FROM assignments WHERE cycle_id = ?", (cycle_id,)
+        )
+        return int(row["n"])
+
     async def insert_assignment(
         self, cycle_id: int, worker_id: str, request_key: str, now: float
     ) -> None:
@@ -716,6 +793,22 @@ class Queries:
             async for row in cursor:
                 yield bytes(row["diff"]), row["num_samples"]
 
+    async def delete_process(self, process_id: int) -> None:
+        # Plans, checkpoints, cycles, workers, assignments and reports go with
+        # it through ON DELETE CASCADE.
+        await self._run("DELETE FROM processes WHERE id = ?", (process_id,))
+
+    async def reset_process(self, process_id: int) -> None:
+        """Back to checkpoint 1 with no cycles; workers keep their ids."""
+        await self._run("DELETE FROM cycles WHERE process_id = ?", (process_id,))
+        await self._run(
+            "DELETE FROM checkpoints WHERE process_id = ? AND number > 1",
+            (process_id,),
+        )
+        await self._run(
+            "UPDATE processes SET completed_at = NULL WHERE id = ?", (process_id,)
+        )
+
     # ------------------------------------------------------------ status
 
     async def status_rows(self) -> list[Any]:
@@ -723,7 +816,10 @@ class Queries:
             "SELECT p.id, p.name, p.version, p.server_config, p.completed_at, "
             "(SELECT max(number) FROM checkpoints k WHERE k.process_id = p.id) "
             "AS checkpoints, c.number AS cycle, c.deadline_at, "
-            "(SELECT count(*) FROM reports r WHERE r.cycle_id = c.id) AS reports "
+            "(SELECT count(*) FROM reports r WHERE r.cycle_id = c.id) AS reports, "
+            "(SELECT count(*) FROM assignments a WHERE a.cycle_id = c.id) "
+            "AS assignments, "
+            "(SELECT count(*) FROM workers w WHERE w.process_id = p.id) AS workers "
             "FROM processes p LEFT JOIN cycles c "
             "ON c.process_id = p.id AND c.closed_at IS NULL ORDER BY p.id"
         )
@@ -747,6 +843,9 @@ class Store:
     async def open(self) -> None:
         store_logger.info("Opening store %s", self.path)
         try:
+            # A plain connection first: aiosqlite's thread outlives a failed
+            # connect and then crashes at exit, hiding this message.
+            sqlite3.connect(self.path).close()
             self._writer = await self._connect()
         except sqlite3.Error as exc:
             raise RuntimeError(
@@ -842,10 +941,10 @@ def check_server_config(raw: Any) -> dict[str, Any]:
     """
     if not isinstance(raw, dict):
         raise bad_request("server_config must be a map", "invalid_config")
-    unknown = sorted(set(raw) - set(SERVER_CONFIG_DEFAULTS))
+    unknown = sorted(set(raw) - set(SERVER_CONFIG_DEFAULTS), key=str)
     if unknown:
         raise bad_request(
-            f"server_config has unknown key {unknown[0]!r}; known keys: "
+            f"server_config has unknown key {unknown[0]!r:.60}; known keys: "
             f"{', '.join(SERVER_CONFIG_DEFAULTS)}",
             "invalid_config",
         )
@@ -856,37 +955,64 @@ def check_server_config(raw: Any) -> dict[str, Any]:
 
     def require(key: str, ok: bool, expected: str) -> None:
         if not ok:
+            shown = config[key] if key != "authentication" else "..."
             raise bad_request(
-                f'"{key}" must be {expected}; got {config[key]!r:.60}', "invalid_config"
+                f'"{key}" must be {expected}; got {shown!r:.60}', "invalid_config"
             )
 
     def whole(key: str, minimum: int) -> bool:
         return type(config[key]) is int and config[key] >= minimum
 
+    def number(key: str) -> bool:
+        value = config[key]
+        return type(value) in (int, float) and math.isfinite(value)
+
     require("num_cycles", whole("num_cycles", 0), "a whole number >= 0 (0: no limit)")
-    length = config["cycle_length"]
     require(
         "cycle_length",
-        type(length) in (int, float) and math.isfinite(length) and length > 0,
+        number("cycle_length") and config["cycle_length"] > 0,
         "a positive number of seconds",
     )
     require("min_diffs", whole("min_diffs", 1), "a whole number >= 1")
-    max_diffs = config["max_diffs"]
-    require(
-        "max_diffs",
-        max_diffs is None or whole("max_diffs", 1),
-        "a whole number >= 1, or null for no limit",
-    )
-    if max_diffs is not None and max_diffs < config["min_diffs"]:
+    for key in ("max_diffs", "max_workers"):
+        require(
+            key,
+            config[key] is None or whole(key, 1),
+            "a whole number >= 1, or null for no limit",
+        )
+    if config["max_diffs"] is not None and config["max_diffs"] < config["min_diffs"]:
         raise bad_request(
-            f'"max_diffs" ({max_diffs}) must not be below "min_diffs" '
+            f'"max_diffs" ({config["max_diffs"]}) must not be below "min_diffs" '
             f"({config['min_diffs']})",
             "invalid_config",
         )
+    require(
+        "on_deadline",
+        config["on_deadline"] in ("extend", "close"),
+        '"extend" or "close"',
+    )
     for key in ("minimum_upload_speed", "minimum_download_speed"):
-        # TODO: speed tests are not wired yet — a non-zero minimum is refused
-        # rather than silently ignored.
-        require(key, config[key] == 0, "0 (speed tests are not supported yet)")
+        require(
+            key,
+            number(key) and config[key] >= 0,
+            "a number of megabits per second >= 0 (0: no speed test)",
+        )
+    require(
+        "do_not_reuse_workers_until_cycle",
+        whole("do_not_reuse_workers_until_cycle", 0),
+        "a whole number of cycles >= 0 (0: reuse at once)",
+    )
+    require(
+        "pool_selection",
+        config["pool_selection"] in ("iterate", "random"),
+        '"iterate" or "random"',
+    )
+    probability = config["selection_probability"]
+    require(
+        "selection_probability",
+        number("selection_probability") and 0 < probability <= 1,
+        "a number in (0, 1]",
+    )
     if config["authentication"] is not None:
         config["authentication"] = check_auth_config(config["authentication"])
     return config
@@ -1033,13 +1159,14 @@ class Federation:
         self._clock_task: asyncio.Task[None] | None = None
         self._warned_open: set[int] = set()
         self._admin_hash: str | None = None
+        self._selection_key = b""
         self._largest_model_bytes = 0
 
     # ------------------------------------------------------------ lifecycle
 
     async def start(self) -> None:
         await self.store.open()
-        await self._load_admin_token()
+        await self._load_secrets()
         self._largest_model_bytes = await self.store.read.largest_model_bytes()
         # Cycles that filled up just before a crash are closed now; the clock
         # re-arms every other deadline from the database.
@@ -1053,9 +1180,14 @@ class Federation:
                 await self._clock_task
         await self.store.close()
 
-    async def _load_admin_token(self) -> None:
+    async def _load_secrets(self) -> None:
         token = self.settings.admin_token
         async with self.store.transaction() as queries:
+            key = await queries.setting("selection_key")
+            if key is None:
+                key = secrets.token_hex(32)
+                await queries.set_setting("selection_key", key)
+            self._selection_key = bytes.fromhex(key)
             stored = await queries.setting("admin_token")
             if token:
                 self._admin_hash = hash_token(token)
@@ -1152,6 +1284,16 @@ class Federation:
             self._warn_open(process)
         return {"status": "success", "process_id": process_id}
 
+    async def check_worker(self, worker_id: Any) -> None:
+        """Raise 401 unless ``worker_id`` has authenticated with some process."""
+        known = isinstance(worker_id, str) and (
+            await self.store.read.worker_process_id(worker_id) is not None
+        )
+        if not known:
+            raise ApiError(
+                401, "unknown_worker", "worker_id is not known; authenticate first"
+            )
+
     def _warn_open(self, process: Process) -> None:
         if process.id not in self._warned_open:
             self._warned_open.add(process.id)
@@ -1224,11 +1366,17 @@ class Federation:
         }
 
     async def cycle_request(self, body: Any) -> dict[str, Any]:
-        """Admit a worker to the open cycle, or say why not and when to retry."""
+        """Admit a worker to the open cycle, or say why not and when to retry.
+
+        The rules apply in this order: training complete, cycle over, already
+        assigned (or the same assignment again), too slow, not eligible (reuse
+        rule, then random selection), full.
+        """
         worker_id = field_of(body, "worker_id", str)
         process = await self.find_process(
             field_of(body, "model", str), field_of(body, "version", str, default=None)
         )
+        speeds = self._speeds(body, process)
         now = time.time()
         async with self.store.transaction() as queries:
             if await queries.worker_process_id(worker_id) != process.id:
@@ -1241,18 +1389,27 @@ class Federation:
                 return {"status": "rejected", "reason": "training complete"}
             cycle = await queries.open_cycle(process.id)
             assert cycle is not None, f"{process.label} has no open cycle"
-            retry_s = seconds_until(cycle.deadline_at, now)
 
             existing = await queries.assignment_in(cycle.id, worker_id)
-            if existing is not None and existing[1]:
-                return {
-                    "status": "rejected",
-                    "reason": "already assigned",
-                    "timeout": retry_s,
-                }
-            if existing is not None:
+            if existing is not None and not existing[1]:
                 request_key = existing[0]
             else:
+                reason = await self._refusal(
+                    queries, process, cycle, worker_id, existing, speeds, now
+                )
+                if reason is not None:
+                    http_logger.debug(
+                        "Worker %s not admitted to cycle %d of %s: %s",
+                        worker_id,
+                        cycle.number,
+                        process.label,
+                        reason,
+                    )
+                    return {
+                        "status": "rejected",
+                        "reason": reason,
+                        "timeout": self._retry_s(reason, cycle, now),
+                    }
                 request_key = secrets.token_urlsafe(24)
                 await queries.insert_assignment(cycle.id, worker_id, request_key, now)
             checkpoint = await queries.checkpoint(process.id, cycle.checkpoint_number)
@@ -1276,8 +1433,85 @@ class Federation:
             "plans": plans,
             "protocols": protocols,
             "client_config": process.client_config,
-            "timeout": retry_s,
+            "timeout": seconds_until(cycle.deadline_at, now),
         }
+
+    @staticmethod
+    def _speeds(body: Any, process: Process) -> tuple[float, float] | None:
+        """The worker's measured (download, upload) in Mbit/s, when required.
+
+        Raises:
+            ApiError: 400 when the process needs a speed test and the request
+                carries no numbers; the worker library then runs the test.
+        """
+        config = process.server_config
+        if not (config["minimum_download_speed"] or config["minimum_upload_speed"]):
+            return None
+        speeds = []
+        for key in ("download", "upload"):
+            value = field_of(body, key, (int, float), default=None)
+            if value is None or not math.isfinite(value) or value < 0:
+                raise bad_request(
+                    f"{process.label} needs a speed test: send {key!r} as the "
+                    "measured megabits per second (see /model-centric/speed-test)",
+                    "missing_field",
+                )
+            speeds.append(float(value))
+        return speeds[0], speeds[1]
+
+    async def _refusal(
+        self,
+        queries: Queries,
+        process: Process,
+        cycle: Cycle,
+        worker_id: str,
+        existing: tuple[str, bool] | None,
+        speeds: tuple[float, float] | None,
+        now: float,
+    ) -> str | None:
+        """Why a worker may not get a new assignment in ``cycle``, or None."""
+        config = process.server_config
+        reports = await queries.report_count(cycle.id)
+        is_full = config["max_diffs"] is not None and reports >= config["max_diffs"]
+        if cycle.deadline_at <= now or is_full:
+            # The clock or the closing report is about to end this cycle.
+            return "cycle over"
+        if existing is not None:
+            return "already assigned"
+        if speeds is not None and (
+            speeds[0] < config["minimum_download_speed"]
+            or speeds[1] < config["minimum_upload_speed"]
+        ):
+            return "too slow"
+
+        last = await queries.last_cycle_of(worker_id)
+        wait = config["do_not_reuse_workers_until_cycle"]
+        if last is not None and cycle.number < last + wait:
+            return "not eligible"
+        if config["pool_selection"] == "random" and not self._selected(
+            worker_id, cycle, config["selection_probability"]
+        ):
+            return "not eligible"
+        if (
+            config["max_workers"] is not None
+            and await queries.assignment_count(cycle.id) >= config["max_workers"]
+        ):
+            return "full"
+        return None
+
+    def _selected(self, worker_id: str, cycle: Cycle, probability: float) -> bool:
+        # A keyed hash gives every (worker, cycle) one fixed draw: asking again
+        # cannot re-roll it, and workers cannot predict it without the key.
+        digest = hmac.new(
+            self._selection_key, f"{cycle.id}:{worker_id}".encode(), hashlib.sha256
+        ).digest()
+        return int.from_bytes(digest[:8], "big") / 2**64 < probability
+
+    @staticmethod
+    def _retry_s(reason: str, cycle: Cycle, now: float) -> int:
+        if reason == "cycle over":
+            return 1
+        return max(1, seconds_until(cycle.deadline_at, now))
 
     async def _assignment(self, worker_id: Any, request_key: Any) -> Assignment:
         if not isinstance(worker_id, str) or not isinstance(request_key, str):
@@ -1302,9 +1536,7 @@ class Federation:
         )
         cycle = assignment.cycle
         if cycle.closed_at is not None:
-            raise conflict(
-                f"cycle {cycle.number} has closed; request a new cycle", "cycle_closed"
-            )
+            raise self._closed(cycle)
         found = await self.store.read.checkpoint(
             cycle.process_id, cycle.checkpoint_number
         )
@@ -1322,6 +1554,8 @@ class Federation:
         assignment = await self._assignment(
             params.get("worker_id"), params.get("request_key")
         )
+        if assignment.cycle.closed_at is not None:
+            raise self._closed(assignment.cycle)
         form = params.get("receive_operations_as", "list")
         if form != "list":
             raise not_found(
@@ -1409,18 +1643,18 @@ class Federation:
     @staticmethod
     def _closed(cycle: Cycle) -> ApiError:
         return conflict(
-            f"cycle {cycle.number} closed before this report arrived; request a "
-            "new cycle",
-            "cycle_closed",
+            f"cycle {cycle.number} has closed; request a new cycle", "cycle_closed"
         )
 
     # ------------------------------------------------------------ cycles
 
-    async def close_cycle(self, cycle_id: int, *, allow_empty: bool = False) -> bool:
+    async def close_cycle(self, cycle_id: int, *, discard: bool = False) -> bool:
         """Average a cycle's diffs into the next checkpoint; open the next cycle.
 
         Everything happens in one transaction: the new checkpoint, the closed
-        cycle and the next cycle are written together or not at all.
+        cycle and the next cycle are written together or not at all. With
+        ``discard`` the cycle closes without a new checkpoint (the
+        ``on_deadline: "close"`` rule) and its diffs are not averaged.
 
         Returns:
             False when the cycle was already closed (by a concurrent report,
@@ -1437,10 +1671,11 @@ class Federation:
             accumulator = Accumulator(
                 await asyncio.to_thread(decode_state, base[1], copy=False)
             )
-            async for diff, num_samples in queries.reports(cycle.id):
-                await asyncio.to_thread(accumulator.add_encoded, diff, num_samples)
-            if accumulator.count == 0 and not allow_empty:
-                return False
+            if not discard:
+                async for diff, num_samples in queries.reports(cycle.id):
+                    await asyncio.to_thread(accumulator.add_encoded, diff, num_samples)
+                if accumulator.count == 0:
+                    return False
 
             now = time.time()
             checkpoint_number = cycle.checkpoint_number
@@ -1465,14 +1700,22 @@ class Federation:
                 )
 
         self._clock_wakeup.set()
-        cycle_logger.info(
-            "Cycle %d of %s completed: %d diffs averaged into checkpoint %d in %.2f s",
-            cycle.number,
-            process.label,
-            accumulator.count,
-            checkpoint_number,
-            time.perf_counter() - started,
-        )
+        if discard:
+            cycle_logger.info(
+                "Cycle %d of %s closed without a new checkpoint",
+                cycle.number,
+                process.label,
+            )
+        else:
+            cycle_logger.info(
+                "Cycle %d of %s completed: %d diffs averaged into checkpoint %d "
+                "in %.2f s",
+                cycle.number,
+                process.label,
+                accumulator.count,
+                checkpoint_number,
+                time.perf_counter() - started,
+            )
         if is_last:
             cycle_logger.info(
                 "Process %s completed: %d of %d cycles",
@@ -1496,6 +1739,16 @@ class Federation:
             is_due = cycle.deadline_at <= now
             if is_full or (is_due and reports >= config["min_diffs"]):
                 await self.close_cycle(cycle.id)
+                continue
+            if is_due and config["on_deadline"] == "close":
+                cycle_logger.info(
+                    "Cycle %d of %s reached its deadline with %d (out of %d) diffs",
+                    cycle.number,
+                    process.label,
+                    reports,
+                    config["min_diffs"],
+                )
+                await self.close_cycle(cycle.id, discard=True)
                 continue
 
             deadline = cycle.deadline_at
@@ -1547,28 +1800,76 @@ class Federation:
             )
         return found[1]
 
-    async def status(self) -> dict[str, Any]:
+    async def status(self, *, is_admin: bool = False) -> dict[str, Any]:
+        """What is hosted and how far each process has got.
+
+        Anyone sees names, versions, the open cycle and the checkpoint count;
+        the admin also sees counts, limits, deadlines and configs (secrets
+        removed).
+        """
         now = time.time()
         processes = []
         for row in await self.store.read.status_rows():
-            config = json.loads(row["server_config"])
             is_open = row["cycle"] is not None
-            processes.append(
-                {
-                    "name": row["name"],
-                    "version": row["version"],
-                    "is_complete": row["completed_at"] is not None,
-                    "checkpoints": row["checkpoints"],
-                    "cycle": row["cycle"],
-                    "num_cycles": config["num_cycles"],
-                    "diffs": row["reports"] if is_open else None,
-                    "max_diffs": config["max_diffs"],
-                    "seconds_left": seconds_until(row["deadline_at"], now)
+            entry: dict[str, Any] = {
+                "name": row["name"],
+                "version": row["version"],
+                "is_complete": row["completed_at"] is not None,
+                "cycle": row["cycle"],
+                "checkpoints": row["checkpoints"],
+            }
+            if is_admin:
+                config = json.loads(row["server_config"])
+                entry.update(
+                    diffs=row["reports"] if is_open else None,
+                    assignments=row["assignments"] if is_open else None,
+                    workers=row["workers"],
+                    seconds_left=seconds_until(row["deadline_at"], now)
                     if is_open
                     else None,
-                }
-            )
+                    server_config=public_server_config(config),
+                )
+            processes.append(entry)
         return {"version": __version__, "processes": processes}
+
+    # ------------------------------------------------------------ management
+
+    async def delete(self, body: Any) -> dict[str, Any]:
+        """Remove a process with its plans, checkpoints, cycles and workers."""
+        process = await self.find_process(
+            field_of(body, "name", str), field_of(body, "version", str)
+        )
+        async with self.store.transaction() as queries:
+            await queries.delete_process(process.id)
+        self._specs.pop(process.id, None)
+        self._warned_open.discard(process.id)
+        self._clock_wakeup.set()
+        logger.info("Process %s deleted", process.label)
+        return {"status": "success"}
+
+    async def reset(self, body: Any) -> dict[str, Any]:
+        """Start a process again from checkpoint 1 with a new cycle 1."""
+        process = await self.find_process(
+            field_of(body, "name", str), field_of(body, "version", str)
+        )
+        now = time.time()
+        async with self.store.transaction() as queries:
+            await queries.reset_process(process.id)
+            await queries.insert_cycle(
+                process.id, 1, 1, now, now + process.server_config["cycle_length"]
+            )
+        self._clock_wakeup.set()
+        logger.info("Process %s reset to checkpoint 1", process.label)
+        return {"status": "success"}
+
+
+def public_server_config(config: dict[str, Any]) -> dict[str, Any]:
+    """A server_config safe to show: the secret and the key are left out."""
+    auth = config.get("authentication")
+    if auth is None:
+        return config
+    shown = {k: v for k, v in auth.items() if k not in ("secret", "pub_key")}
+    return {**config, "authentication": shown}
 
 
 # ============================================================ HTTP
@@ -1619,23 +1920,22 @@ def federation_of(request: Request) -> Federation:
     return federation
 
 
-async def host_training(request: Request) -> Response:
-    federation = federation_of(request)
-    federation.check_admin(request.headers.get("authorization"))
-    body = await message(request, federation.settings.max_host_bytes)
-    return respond(request, await federation.host(body))
+def control(
+    action: Callable[[Federation, Any], Awaitable[dict[str, Any]]],
+    *,
+    is_admin: bool = False,
+    limit: Callable[[Federation], int] = lambda f: f.settings.max_message_bytes,
+) -> Callable[[Request], Awaitable[Response]]:
+    """A route that decodes one control message and answers what ``action`` says."""
 
+    async def handler(request: Request) -> Response:
+        federation = federation_of(request)
+        if is_admin:
+            federation.check_admin(request.headers.get("authorization"))
+        body = await message(request, limit(federation))
+        return respond(request, await action(federation, body))
 
-async def authenticate(request: Request) -> Response:
-    federation = federation_of(request)
-    body = await message(request, federation.settings.max_message_bytes)
-    return respond(request, await federation.authenticate(body))
-
-
-async def cycle_request(request: Request) -> Response:
-    federation = federation_of(request)
-    body = await message(request, federation.settings.max_message_bytes)
-    return respond(request, await federation.cycle_request(body))
+    return handler
 
 
 async def get_model(request: Request) -> Response:
@@ -1648,12 +1948,6 @@ async def get_plan(request: Request) -> Response:
     return raw_response(await federation.get_plan(request.query_params))
 
 
-async def report(request: Request) -> Response:
-    federation = federation_of(request)
-    body = await message(request, federation.max_report_bytes())
-    return respond(request, await federation.report(body))
-
-
 async def retrieve_model(request: Request) -> Response:
     federation = federation_of(request)
     federation.check_admin(request.headers.get("authorization"))
@@ -1661,7 +1955,76 @@ async def retrieve_model(request: Request) -> Response:
 
 
 async def status(request: Request) -> Response:
-    return respond(request, await federation_of(request).status())
+    federation = federation_of(request)
+    authorization = request.headers.get("authorization")
+    # Without credentials the summary is public; credentials that are sent
+    # must be right, so a typo in the token is not silently ignored.
+    if authorization is not None:
+        federation.check_admin(authorization)
+    return respond(request, await federation.status(is_admin=authorization is not None))
+
+
+_SPEED_TEST_CHUNK = secrets.token_bytes(SPEED_TEST_CHUNK)
+
+
+async def speed_test_download(request: Request) -> Response:
+    """Send ``size_bytes`` bytes (1 MiB by default) from one reused chunk."""
+    federation = federation_of(request)
+    await federation.check_worker(request.query_params.get("worker_id"))
+    size = request.query_params.get("size_bytes", str(SPEED_TEST_DEFAULT_BYTES))
+    if not size.isdigit() or not 0 < int(size) <= SPEED_TEST_MAX_BYTES:
+        raise bad_request(
+            f'"size_bytes" must be a whole number from 1 to {SPEED_TEST_MAX_BYTES}; '
+            f"got {size!r:.20}",
+            "invalid_field",
+        )
+    total = int(size)
+
+    async def chunks() -> AsyncIterator[bytes]:
+        left = total
+        while left > 0:
+            step = min(left, SPEED_TEST_CHUNK)
+            yield _SPEED_TEST_CHUNK[:step]
+            left -= step
+
+    return StreamingResponse(
+        chunks(),
+        media_type="application/octet-stream",
+        headers={"Content-Length": str(total), "Cache-Control": "no-store"},
+    )
+
+
+async def speed_test_upload(request: Request) -> Response:
+    """Read and discard the body; answer how fast it arrived."""
+    federation = federation_of(request)
+    await federation.check_worker(request.query_params.get("worker_id"))
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > SPEED_TEST_MAX_BYTES:
+        raise ApiError(
+            413,
+            "payload_too_large",
+            f"speed-test upload of {declared} bytes is over the limit of "
+            f"{SPEED_TEST_MAX_BYTES} bytes",
+        )
+    received = 0
+    started = time.perf_counter()
+    async for chunk in request.stream():
+        received += len(chunk)
+        if received > SPEED_TEST_MAX_BYTES:
+            raise ApiError(
+                413,
+                "payload_too_large",
+                f"speed-test upload is over the limit of {SPEED_TEST_MAX_BYTES} bytes",
+            )
+    seconds = max(time.perf_counter() - started, 1e-6)
+    return respond(
+        request,
+        {
+            "received_bytes": received,
+            "seconds": seconds,
+            "upload_mbps": received * 8 / seconds / 1e6,
+        },
+    )
 
 
 async def health(request: Request) -> Response:
@@ -1714,14 +2077,36 @@ def create_app(settings: Settings) -> Starlette:
             logger.info("nimble-edge stopped")
 
     prefix = "/model-centric"
+    host_training = control(
+        Federation.host, is_admin=True, limit=lambda f: f.settings.max_host_bytes
+    )
+    report = control(Federation.report, limit=Federation.max_report_bytes)
     routes = [
         Route(f"{prefix}/host-training", host_training, methods=["POST"]),
-        Route(f"{prefix}/authenticate", authenticate, methods=["POST"]),
-        Route(f"{prefix}/cycle-request", cycle_request, methods=["POST"]),
+        Route(
+            f"{prefix}/authenticate", control(Federation.authenticate), methods=["POST"]
+        ),
+        Route(
+            f"{prefix}/cycle-request",
+            control(Federation.cycle_request),
+            methods=["POST"],
+        ),
         Route(f"{prefix}/get-model", get_model, methods=["GET"]),
         Route(f"{prefix}/get-plan", get_plan, methods=["GET"]),
         Route(f"{prefix}/report", report, methods=["POST"]),
         Route(f"{prefix}/retrieve-model", retrieve_model, methods=["GET"]),
+        Route(
+            f"{prefix}/delete-process",
+            control(Federation.delete, is_admin=True),
+            methods=["POST"],
+        ),
+        Route(
+            f"{prefix}/reset-process",
+            control(Federation.reset, is_admin=True),
+            methods=["POST"],
+        ),
+        Route(f"{prefix}/speed-test", speed_test_download, methods=["GET"]),
+        Route(f"{prefix}/speed-test", speed_test_upload, methods=["POST"]),
         Route("/status", status, methods=["GET"]),
         Route("/health", health, methods=["GET"]),
     ]
@@ -1755,7 +2140,8 @@ def serve(args: argparse.Namespace) -> int:
         host=args.host,
         port=int(args.port),
         log_config=None,
-        access_log=args.log_level == "debug",
+        # Access lines carry query strings, and request_key is a credential.
+        access_log=False,
         timeout_graceful_shutdown=30,
     )
     logger.info(
@@ -1796,7 +2182,6 @@ def start_server(
     Raises:
         RuntimeError: the server exited or did not answer within 60 seconds.
     """
-    import httpx
 
     env = dict(os.environ, NIMBLE_EDGE_ADMIN_TOKEN=token)
     command = [
@@ -1881,8 +2266,94 @@ def demo(args: argparse.Namespace) -> int:
     return 0 if accuracy >= args.min_accuracy else 1
 
 
+def admin_client(args: argparse.Namespace) -> Any:
+    """The admin client for ``--address``, with the token from the environment."""
+    from plan_runtime.admin import ModelCentricFLClient
+
+    return ModelCentricFLClient(args.address, secure=False).connect()
+
+
+def list_command(args: argparse.Namespace) -> int:
+    with admin_client(args) as client:
+        processes = client.list_processes()
+    if args.json:
+        print(json.dumps(processes, indent=2))
+        return 0
+    print(
+        f"{'process':<30} {'cycle':>6} {'diffs':>6} {'workers':>8} {'checkpoints':>12}"
+    )
+    for p in processes:
+        cycle = "done" if p["is_complete"] else p["cycle"]
+        diffs = "-" if p["diffs"] is None else p["diffs"]
+        label = f"{p['name']}@{p['version']}"
+        print(
+            f"{label:<30} {cycle!s:>6} {diffs!s:>6} {p['workers']:>8} "
+            f"{p['checkpoints']:>12}"
+        )
+    return 0
+
+
+def delete_command(args: argparse.Namespace) -> int:
+    with admin_client(args) as client:
+        client.delete_process(args.name, args.version)
+    print(f"deleted {args.name}@{args.version}", file=sys.stderr)
+    return 0
+
+
+def reset_command(args: argparse.Namespace) -> int:
+    with admin_client(args) as client:
+        client.reset_process(args.name, args.version)
+    print(f"reset {args.name}@{args.version} to checkpoint 1", file=sys.stderr)
+    return 0
+
+
+def retrieve_command(args: argparse.Namespace) -> int:
+    with admin_client(args) as client:
+        state = client.retrieve_model(args.name, args.version, args.checkpoint)
+    Path(args.out).write_bytes(encode_state(state))
+    print(f"wrote {len(state)} tensors to {args.out}", file=sys.stderr)
+    return 0
+
+
+def token_command(args: argparse.Namespace) -> int:
+    """Print a worker JWT signed with a process's configured secret or a key."""
+
+    async def find() -> Process | None:
+        store = Store(Path(args.db))
+        await store.open()
+        try:
+            return await store.read.process(args.process, args.version)
+        finally:
+            await store.close()
+
+    process = asyncio.run(find())
+    if process is None:
+        raise RuntimeError(f"no process {args.process!r} in {args.db}")
+    auth = process.server_config["authentication"]
+    if auth is None:
+        raise RuntimeError(f"{process.label} has no authentication; any token works")
+    if "secret" in auth:
+        key: Any = auth["secret"]
+    elif args.key_file:
+        key = Path(args.key_file).read_text()
+    else:
+        raise RuntimeError(
+            f"{process.label} verifies tokens with a public key; pass the matching "
+            "private key with --key-file"
+        )
+
+    now = int(time.time())
+    claims: dict[str, Any] = {"sub": args.sub, "iat": now, "exp": now + args.ttl}
+    if auth.get("audience") is not None:
+        audience = auth["audience"]
+        claims["aud"] = audience if isinstance(audience, str) else audience[0]
+    if auth.get("issuer") is not None:
+        claims["iss"] = auth["issuer"]
+    print(jwt.encode(claims, key, algorithm=auth["algorithms"][0]))
+    return 0
+
+
 def version(args: argparse.Namespace) -> int:
-    import httpx
     import starlette
     import uvicorn
 
@@ -2014,6 +2485,71 @@ def build_parser() -> argparse.ArgumentParser:
         "version", help="print versions for a bug report", formatter_class=formatter
     )
     version_parser.set_defaults(handler=version)
+
+    def admin_parser(name: str, help_text: str) -> argparse.ArgumentParser:
+        sub = commands.add_parser(
+            name,
+            help=help_text,
+            formatter_class=formatter,
+            description=f"{help_text}. The admin token is read from "
+            "NIMBLE_EDGE_ADMIN_TOKEN.",
+        )
+        sub.add_argument(
+            "--address",
+            default=env_default("address", "127.0.0.1:7000"),
+            help="the server, host:port or a URL (NIMBLE_EDGE_ADDRESS)",
+        )
+        return sub
+
+    list_parser = admin_parser("list", "list hosted processes and their state")
+    list_parser.add_argument("--json", action="store_true", help="print JSON")
+    list_parser.set_defaults(handler=list_command)
+    for name, handler, help_text in (
+        ("delete", delete_command, "delete a process with its checkpoints"),
+        ("reset", reset_command, "reset a process to checkpoint 1"),
+    ):
+        sub = admin_parser(name, help_text)
+        sub.add_argument("name", help="process name")
+        sub.add_argument("version", help="process version")
+        sub.set_defaults(handler=handler)
+
+    retrieve_parser = admin_parser("retrieve", "save a checkpoint as a state document")
+    retrieve_parser.add_argument("name", help="process name")
+    retrieve_parser.add_argument(
+        "version", nargs="?", default=None, help="process version (default: the newest)"
+    )
+    retrieve_parser.add_argument(
+        "--checkpoint", default="latest", help="checkpoint number, or latest"
+    )
+    retrieve_parser.add_argument("--out", required=True, help="file to write")
+    retrieve_parser.set_defaults(handler=retrieve_command)
+
+    token_parser = commands.add_parser(
+        "token", help="mint a worker JWT for testing", formatter_class=formatter
+    )
+    token_parser.add_argument(
+        "--db",
+        default=env_default("db", DEFAULT_DB),
+        help="SQLite file (NIMBLE_EDGE_DB)",
+    )
+    token_parser.add_argument("--process", required=True, help="process name")
+    token_parser.add_argument(
+        "--version", default=None, help="process version (default: the newest)"
+    )
+    token_parser.add_argument("--sub", required=True, help="the device's identity")
+    token_parser.add_argument(
+        "--ttl",
+        type=int,
+        default=env_default("ttl", 3600),
+        help="seconds until the token expires (NIMBLE_EDGE_TTL)",
+    )
+    token_parser.add_argument(
+        "--key-file",
+        default=env_default("key-file", None),
+        help="private key PEM, for processes that verify with a public key "
+        "(NIMBLE_EDGE_KEY_FILE)",
+    )
+    token_parser.set_defaults(handler=token_command)
     return parser
 
 
@@ -2024,14 +2560,20 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
-    # httpx narrates every request at INFO; the demo makes thousands.
+    # httpx narrates every request at INFO (the demo makes thousands), and
+    # aiosqlite logs every statement with its parameters at DEBUG, secrets
+    # and blobs included.
     logging.getLogger("httpx").setLevel(logging.WARNING)
+    logging.getLogger("aiosqlite").setLevel(logging.WARNING)
     try:
         return int(args.handler(args))
     except KeyboardInterrupt:
         return 130
-    except (OSError, RuntimeError, sqlite3.Error) as exc:
+    except (OSError, RuntimeError, sqlite3.Error, ServerError) as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except httpx.HTTPError as exc:
+        print(f"error: cannot reach the server: {exc}", file=sys.stderr)
         return 1
 
 

@@ -136,6 +136,32 @@ class ModelCentricFLClient:
         return decode_state(response.content)
 
     def status(self) -> dict[str, Any]:
-        """What the server hosts and how far each process has got."""
+        """What the server hosts and how far each process has got, in detail."""
         answer: dict[str, Any] = self.connection.call("GET", "/status")
         return answer
+
+    def list_processes(self) -> list[dict[str, Any]]:
+        """Every hosted process with its cycle, counts and config (no secrets)."""
+        processes: list[dict[str, Any]] = self.status()["processes"]
+        return processes
+
+    def delete_process(self, name: str, version: str) -> None:
+        """Remove a process with its checkpoints, cycles and workers.
+
+        Raises:
+            ServerError: ``process_not_found`` when nothing is hosted under
+                that name and version.
+        """
+        self.connection.call(
+            "POST",
+            "/model-centric/delete-process",
+            body={"name": name, "version": version},
+        )
+
+    def reset_process(self, name: str, version: str) -> None:
+        """Start a process again from checkpoint 1, with a new cycle 1."""
+        self.connection.call(
+            "POST",
+            "/model-centric/reset-process",
+            body={"name": name, "version": version},
+        )

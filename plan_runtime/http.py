@@ -71,9 +71,12 @@ class Connection:
         *,
         body: Any = None,
         params: dict[str, Any] | None = None,
+        content: bytes | None = None,
     ) -> httpx.Response:
-        """Send one request; raise :class:`ServerError` on any error status."""
-        content = None
+        """Send one request; raise :class:`ServerError` on any error status.
+
+        ``body`` is encoded as CBOR; ``content`` is sent as raw bytes.
+        """
         headers = {}
         if body is not None:
             content = cbor2.dumps(body)

@@ -19,6 +19,7 @@ process, and starts the job once per cycle it wants to join::
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -59,7 +60,9 @@ class Worker:
     ):
         self.auth_token = auth_token
         self.connection = Connection(address, secure=secure, timeout_s=timeout_s)
+        self.speed_test_bytes = 1024 * 1024
         self._worker_ids: dict[tuple[str, str | None], str] = {}
+        self._needs_speed_test: dict[str, bool] = {}
 
     def __enter__(self) -> Worker:
         return self
@@ -93,7 +96,46 @@ class Worker:
                 "POST", "/model-centric/authenticate", body=body
             )
             self._worker_ids[key] = answer["worker_id"]
+            self._needs_speed_test[answer["worker_id"]] = bool(
+                answer.get("requires_speed_test")
+            )
         return self._worker_ids[key]
+
+    def speed_test(self, worker_id: str) -> dict[str, float]:
+        """Measure ping (ms) and download and upload speed (Mbit/s).
+
+        Moves :attr:`speed_test_bytes` each way through the server's
+        speed-test routes; the result goes into cycle requests of processes
+        that set a minimum speed.
+        """
+        params = {"worker_id": worker_id}
+        started = time.perf_counter()
+        self.connection.request("GET", "/health")
+        ping_s = time.perf_counter() - started
+
+        started = time.perf_counter()
+        response = self.connection.request(
+            "GET",
+            "/model-centric/speed-test",
+            params={**params, "size_bytes": self.speed_test_bytes},
+        )
+        download_s = max(time.perf_counter() - started - ping_s, 1e-6)
+        received = len(response.content)
+
+        payload = bytes(self.speed_test_bytes)
+        started = time.perf_counter()
+        self.connection.request(
+            "POST", "/model-centric/speed-test", params=params, content=payload
+        )
+        upload_s = max(time.perf_counter() - started - ping_s, 1e-6)
+        return {
+            "ping": ping_s * 1000,
+            "download": received * 8 / download_s / 1e6,
+            "upload": len(payload) * 8 / upload_s / 1e6,
+        }
+
+    def needs_speed_test(self, worker_id: str) -> bool:
+        return self._needs_speed_test.get(worker_id, False)
 
 
 class Job:
@@ -149,15 +191,14 @@ class Job:
     def _start(self) -> bool:
         connection = self.worker.connection
         self.worker_id = self.worker.worker_id(self.name, self.version)
-        answer = connection.call(
-            "POST",
-            "/model-centric/cycle-request",
-            body={
-                "worker_id": self.worker_id,
-                "model": self.name,
-                "version": self.version,
-            },
-        )
+        request: dict[str, Any] = {
+            "worker_id": self.worker_id,
+            "model": self.name,
+            "version": self.version,
+        }
+        if self.worker.needs_speed_test(self.worker_id):
+            request.update(self.worker.speed_test(self.worker_id))
+        answer = connection.call("POST", "/model-centric/cycle-request", body=request)
         if answer.get("status") != "accepted":
             self.rejection = answer
             timeout = answer.get("timeout")
