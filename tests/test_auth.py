@@ -16,7 +16,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 import nimble_edge
-from plan_runtime import ModelCentricFLClient, ServerError
+from plan_runtime import ModelCentricFLClient, ServerError, Worker
 from tests.conftest import ROOT, ServerProcess
 
 SECRET = "0123456789abcdef0123456789abcdef-hmac"
@@ -273,7 +273,10 @@ def test_token_command_needs_the_private_key_for_public_key_processes(
 def test_secrets_and_tokens_never_reach_the_log(debug_server, plan):
     name = host_with(debug_server, plan, {"type": "jwt", "secret": SECRET})
     token = jwt.encode(claims(), SECRET, algorithm="HS256")
-    authenticate(debug_server, name, token)
+    worker = Worker(debug_server.address, auth_token=token)
+    job = worker.new_job(name)
+    job.on_ready = lambda model, plans, config: None
+    job.start()
     httpx.get(
         f"{debug_server.url}/status",
         headers={"Authorization": f"Bearer {debug_server.token}"},
@@ -281,6 +284,6 @@ def test_secrets_and_tokens_never_reach_the_log(debug_server, plan):
 
     log = debug_server.log()
 
-    assert "DEBUG" in log
-    for secret in (SECRET, token, debug_server.token, "BEGIN PRIVATE KEY"):
+    assert "DEBUG" in log and job.request_key
+    for secret in (SECRET, token, debug_server.token, job.request_key):
         assert secret not in log

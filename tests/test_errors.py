@@ -219,3 +219,78 @@ def test_bad_secret_is_refused_without_echoing_it(server, plan):
 
     message = assert_envelope(response, 400, "invalid_config")
     assert "hunter2" not in message and "hunter2" not in json.dumps(envelope(response))
+
+
+def test_speed_test_errors(server, assigned):
+    _, keys = assigned
+    api = f"{server.url}/model-centric/speed-test"
+
+    assert_envelope(
+        httpx.get(api, params={"worker_id": "nobody"}), 401, "unknown_worker"
+    )
+    assert_envelope(
+        httpx.post(api, params={"worker_id": "nobody"}, content=b"x"),
+        401,
+        "unknown_worker",
+    )
+    assert_envelope(
+        httpx.get(api, params={"worker_id": keys["worker_id"], "size_bytes": "-1"}),
+        400,
+        "invalid_field",
+    )
+    assert_envelope(
+        httpx.post(
+            api,
+            params={"worker_id": keys["worker_id"]},
+            content=b"x" * (33 * 1024 * 1024),
+        ),
+        413,
+        "payload_too_large",
+    )
+
+
+def test_management_errors(server):
+    api = f"{server.url}/model-centric"
+    admin = {"Authorization": f"Bearer {server.token}"}
+
+    assert_envelope(
+        httpx.post(f"{api}/delete-process", json={"name": "x", "version": "1"}),
+        401,
+        "unauthorized",
+    )
+    assert_envelope(
+        httpx.post(
+            f"{api}/reset-process", json={"name": "x", "version": "1"}, headers=admin
+        ),
+        404,
+        "process_not_found",
+    )
+    assert_envelope(
+        httpx.post(f"{api}/delete-process", json={"name": "x"}, headers=admin),
+        400,
+        "missing_field",
+    )
+    assert_envelope(
+        httpx.get(f"{server.url}/status", headers={"Authorization": "Bearer wrong"}),
+        401,
+        "unauthorized",
+    )
+
+
+def test_cycle_request_errors(server, assigned):
+    name, keys = assigned
+    api = f"{server.url}/model-centric/cycle-request"
+
+    assert_envelope(
+        httpx.post(api, json={"worker_id": keys["worker_id"], "model": "missing"}),
+        404,
+        "process_not_found",
+    )
+    assert_envelope(
+        httpx.post(
+            api, json={"worker_id": keys["worker_id"], "model": name, "version": 3}
+        ),
+        400,
+        "invalid_field",
+    )
+    assert_envelope(httpx.post(api, json={"model": name}), 400, "missing_field")
