@@ -90,6 +90,7 @@ MIB = 1024 * KIB
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 7000
 DEFAULT_DB = "nimble-edge.sqlite"
+LOG_LEVELS = ["debug", "info", "warning", "error"]
 
 MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
 INSTALLED_MIGRATIONS_DIR = Path(sys.prefix) / "share" / "nimble-edge" / "migrations"
@@ -116,6 +117,11 @@ SERVER_CONFIG_DEFAULTS: dict[str, Any] = {
 SPEED_TEST_DEFAULT_BYTES = 1 * MIB
 SPEED_TEST_MAX_BYTES = 32 * MIB
 SPEED_TEST_CHUNK = 64 * KIB
+# A hosted model may have at most this many tensors; it bounds how many CBOR
+# items the server decodes for one upload.
+MAX_MODEL_TENSORS = 100_000
+# Ten years: longer cycles would give timeouts no client can represent.
+MAX_CYCLE_LENGTH_S = 315_360_000
 
 
 @dataclass(frozen=True)
@@ -127,6 +133,11 @@ class Settings:
     max_host_bytes: int = 512 * MIB
     max_message_bytes: int = 64 * KIB
     report_margin_bytes: int = 64 * KIB
+    body_idle_timeout_s: float = 30.0
+    max_processes: int = 100
+    max_workers_per_process: int = 100_000
+    max_open_assignments: int = 10_000
+    keep_diffs: bool = False
     clock_interval_s: float = 30.0
 
 
@@ -157,6 +168,10 @@ def not_found(message: str, code: str = "not_found") -> ApiError:
 
 def conflict(message: str, code: str) -> ApiError:
     return ApiError(409, code, message)
+
+
+def limit_reached(message: str) -> ApiError:
+    return ApiError(429, "limit_reached", message)
 
 
 # ============================================================ encoding
@@ -244,6 +259,57 @@ def field_of(
     return value
 
 
+def number_param(params: Mapping[str, str], name: str) -> int:
+    """A query parameter that must be a whole number (an id or a checkpoint).
+
+    Raises:
+        ApiError: 400 unless it is 1 to 15 ASCII digits.
+    """
+    value = params.get(name, "")
+    if not (value.isascii() and value.isdigit() and len(value) <= 15):
+        raise bad_request(
+            f'"{name}" must be a whole number; got {value!r:.40}', "invalid_field"
+        )
+    return int(value)
+
+
+def is_number(value: Any) -> bool:
+    """A finite int or float, never a bool, and no larger than a float holds."""
+    if type(value) is int:
+        return abs(value) <= 2**63
+    return type(value) is float and math.isfinite(value)
+
+
+def check_config_value(value: Any, where: str, depth: int = 0) -> None:
+    """A config value must survive JSON both ways: str keys, finite numbers.
+
+    Raises:
+        ApiError: 400 naming where the value is and what it holds.
+    """
+    if depth > 16:
+        raise bad_request(f"{where} nests deeper than 16 levels", "invalid_config")
+    if value is None or isinstance(value, (bool, str)) or is_number(value):
+        return
+    if isinstance(value, list):
+        for index, item in enumerate(value):
+            check_config_value(item, f"{where}[{index}]", depth + 1)
+        return
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if not isinstance(key, str):
+                raise bad_request(
+                    f"{where} has a key that is not a string: {key!r:.40}",
+                    "invalid_config",
+                )
+            check_config_value(item, f"{where}.{key}", depth + 1)
+        return
+    raise bad_request(
+        f"{where} must hold only null, booleans, finite numbers, strings, lists "
+        f"and maps; got {type(value).__name__}",
+        "invalid_config",
+    )
+
+
 def bytes_field(body: Any, name: str, *, default: Any = ...) -> Any:
     """A byte-string field; JSON clients send base64 text instead."""
     value = field_of(body, name, (bytes, str), default=default)
@@ -316,6 +382,12 @@ def check_auth_config(config: Any) -> dict[str, Any]:
     if has_secret == has_key:
         raise bad_request(
             '"authentication" needs exactly one of "secret" (HMAC) or "pub_key" (PEM)',
+            "invalid_config",
+        )
+    if has_secret and "-----BEGIN" in config["secret"]:
+        raise bad_request(
+            '"secret" looks like a PEM key; put a public key in "pub_key", and use '
+            '"secret" only for a shared HMAC secret',
             "invalid_config",
         )
     if has_secret and len(config["secret"].encode()) < 32:
@@ -713,6 +785,16 @@ class Queries:
         )
         return None if row["number"] is None else int(row["number"])
 
+    async def process_count(self) -> int:
+        row = await self._one("SELECT count(*) AS n FROM processes")
+        return int(row["n"])
+
+    async def worker_count(self, process_id: int) -> int:
+        row = await self._one(
+            "SELECT count(*) AS n FROM workers WHERE process_id = ?", (process_id,)
+        )
+        return int(row["n"])
+
     async def assignment_count(self, cycle_id: int) -> int:
         row = await self._one(
             "SELECT count(*) AS n FROM assignments WHERE cycle_id = ?", (cycle_id,)
@@ -777,6 +859,10 @@ class Queries:
             ),
         )
 
+    async def drop_diffs(self, cycle_id: int) -> None:
+        """Empty the diff blobs of a closed cycle; digests stay for retries."""
+        await self._run("UPDATE reports SET diff = x'' WHERE cycle_id = ?", (cycle_id,))
+
     async def report_count(self, cycle_id: int) -> int:
         row = await self._one(
             "SELECT count(*) AS n FROM reports WHERE cycle_id = ?", (cycle_id,)
@@ -825,6 +911,31 @@ class Queries:
         )
 
 
+def storage_error(exc: sqlite3.Error, path: Path) -> Exception:
+    """The API error for a failed write: the disk is full or the file is locked.
+
+    Other SQLite errors are faults of the server and come back unchanged.
+    """
+    name = getattr(exc, "sqlite_errorname", "")
+    if name.startswith("SQLITE_FULL"):
+        store_logger.warning("Writing %s failed: the disk is full (%s)", path, name)
+        return ApiError(
+            507,
+            "storage_full",
+            "the gateway's disk is full, so nothing was stored; retry after the "
+            "operator frees space",
+        )
+    if name.startswith(("SQLITE_READONLY", "SQLITE_IOERR", "SQLITE_CANTOPEN")):
+        store_logger.warning("Writing %s failed: %s", path, name)
+        return ApiError(
+            503,
+            "storage_unavailable",
+            "the database cannot be written (read-only or failing), so nothing was "
+            "stored; retry later",
+        )
+    return exc
+
+
 class Store:
     """The SQLite file: one write connection behind a lock, one for reads.
 
@@ -839,6 +950,7 @@ class Store:
         self._writer: aiosqlite.Connection | None = None
         self._reader: aiosqlite.Connection | None = None
         self._lock = asyncio.Lock()
+        self.applied: list[str] = []
 
     async def open(self) -> None:
         store_logger.info("Opening store %s", self.path)
@@ -859,9 +971,14 @@ class Store:
             await self._writer.execute("PRAGMA synchronous = FULL")
             await self.migrate()
             self._reader = await self._connect()
-        except BaseException:
+        except BaseException as exc:
             # aiosqlite's threads keep the interpreter alive until closed.
             await self.close()
+            if isinstance(exc, (sqlite3.Error, ApiError)):
+                raise RuntimeError(
+                    f"cannot use database {self.path}: {exc}; check that the file "
+                    "and its folder are writable and the disk has space"
+                ) from exc
             raise
         store_logger.info("Store %s ready", self.path)
 
@@ -898,30 +1015,47 @@ class Store:
         for number, name, path in migration_files():
             if number in applied:
                 continue
-            async with self.transaction() as queries:
-                for statement in split_sql(path.read_text()):
-                    await queries.db.execute(statement)
-                await queries.db.execute(
-                    "INSERT INTO schema_migrations (number, name, applied_at) "
-                    "VALUES (?, ?, ?)",
-                    (number, name, time.time()),
-                )
+            try:
+                async with self.transaction() as queries:
+                    for statement in split_sql(path.read_text()):
+                        await queries.db.execute(statement)
+                    await queries.db.execute(
+                        "INSERT INTO schema_migrations (number, name, applied_at) "
+                        "VALUES (?, ?, ?)",
+                        (number, name, time.time()),
+                    )
+            except (sqlite3.Error, ApiError) as exc:
+                raise RuntimeError(
+                    f"migration {number:04d}_{name} failed and was rolled back, "
+                    f"leaving {self.path} as it was: {exc}"
+                ) from exc
             store_logger.info("Migration %04d_%s applied", number, name)
             done.append(f"{number:04d}_{name}")
+        self.applied.extend(done)
         return done
 
     @contextlib.asynccontextmanager
     async def transaction(self) -> AsyncIterator[Queries]:
-        """Hold the write connection for one immediate transaction."""
+        """Hold the write connection for one immediate transaction.
+
+        Raises:
+            ApiError: 507 when the disk is full, 503 when the file cannot be
+                written; the transaction is rolled back, nothing is stored.
+        """
         assert self._writer is not None, "store is not open"
         async with self._lock:
-            await self._writer.execute("BEGIN IMMEDIATE")
             try:
+                await self._writer.execute("BEGIN IMMEDIATE")
                 yield Queries(self._writer)
-            except BaseException:
-                await self._writer.execute("ROLLBACK")
+                await self._writer.execute("COMMIT")
+            except BaseException as exc:
+                # A failed COMMIT may already have rolled back; a second
+                # ROLLBACK then fails, and must not hide the first error.
+                with contextlib.suppress(sqlite3.Error):
+                    await self._writer.execute("ROLLBACK")
+                if isinstance(exc, sqlite3.Error):
+                    raise storage_error(exc, self.path) from exc
                 raise
-            await self._writer.execute("COMMIT")
 
     @property
     def read(self) -> Queries:
@@ -964,14 +1098,13 @@ def check_server_config(raw: Any) -> dict[str, Any]:
         return type(config[key]) is int and config[key] >= minimum
 
     def number(key: str) -> bool:
-        value = config[key]
-        return type(value) in (int, float) and math.isfinite(value)
+        return is_number(config[key])
 
     require("num_cycles", whole("num_cycles", 0), "a whole number >= 0 (0: no limit)")
     require(
         "cycle_length",
-        number("cycle_length") and config["cycle_length"] > 0,
-        "a positive number of seconds",
+        number("cycle_length") and 1 <= config["cycle_length"] <= MAX_CYCLE_LENGTH_S,
+        f"a number of seconds from 1 to {MAX_CYCLE_LENGTH_S}",
     )
     require("min_diffs", whole("min_diffs", 1), "a whole number >= 1")
     for key in ("max_diffs", "max_workers"):
@@ -1065,7 +1198,7 @@ def check_diff(diff_bytes: bytes, spec: Spec) -> dict[str, torch.Tensor]:
             shape differs, or that holds NaN or infinity.
     """
     try:
-        diff = decode_state(diff_bytes, copy=False)
+        diff = decode_state(diff_bytes, copy=False, max_tensors=len(spec))
     except StateError as exc:
         raise bad_request(
             f"diff is not a valid state document: {exc}", "invalid_diff"
@@ -1095,13 +1228,18 @@ def check_diff(diff_bytes: bytes, spec: Spec) -> dict[str, torch.Tensor]:
 def check_model(data: bytes) -> dict[str, torch.Tensor]:
     """Decode a hosted model and insist that it holds tensors."""
     try:
-        model = decode_state(data, copy=False)
+        model = decode_state(data, copy=False, max_tensors=MAX_MODEL_TENSORS)
     except StateError as exc:
         raise bad_request(
             f"model is not a valid state document: {exc}", "invalid_model"
         ) from exc
     if not model:
         raise bad_request("model holds no tensors", "invalid_model")
+    for name, tensor in model.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise bad_request(
+                f"model tensor {name!r:.60} holds NaN or infinity", "invalid_model"
+            )
     return model
 
 
@@ -1132,8 +1270,7 @@ def check_metrics(raw: Any) -> dict[str, float]:
         )
     metrics = {}
     for key, value in raw.items():
-        is_number = type(value) in (int, float) and math.isfinite(value)
-        if not isinstance(key, str) or len(key) > 100 or not is_number:
+        if not isinstance(key, str) or len(key) > 100 or not is_number(value):
             raise bad_request(
                 f'"metrics" must map names to finite numbers; got {key!r:.40}: '
                 f"{value!r:.40}",
@@ -1225,6 +1362,7 @@ class Federation:
     async def host(self, body: Any) -> dict[str, Any]:
         """Store a process with its first checkpoint, and open cycle 1."""
         client_config = field_of(body, "client_config", dict)
+        check_config_value(client_config, "client_config")
         name = field_of(client_config, "name", str)
         version = field_of(client_config, "version", str)
         if not 0 < len(name) <= 200 or not 0 < len(version) <= 200:
@@ -1244,6 +1382,14 @@ class Federation:
                 "unsupported",
             )
 
+        for kind, names in (("plans", plans), ("protocols", protocols)):
+            for key in names:
+                if not isinstance(key, str) or not 0 < len(key) <= 200:
+                    raise bad_request(
+                        f"{kind} must be named by strings of 1 to 200 characters; "
+                        f"got {key!r:.40}",
+                        "invalid_field",
+                    )
         model = await asyncio.to_thread(check_model, model_bytes)
         plan_blobs = {key: bytes_field(plans, key) for key in plans}
         for plan_name, blob in plan_blobs.items():
@@ -1252,6 +1398,11 @@ class Federation:
 
         now = time.time()
         async with self.store.transaction() as queries:
+            if await queries.process_count() >= self.settings.max_processes:
+                raise limit_reached(
+                    f"this server hosts its limit of {self.settings.max_processes} "
+                    "processes; delete one, or raise --max-processes"
+                )
             if await queries.process(name, version) is not None:
                 raise conflict(
                     f"process {name}@{version} is already hosted; host it under a "
@@ -1353,6 +1504,12 @@ class Federation:
             if subject is not None:
                 worker_id = await queries.worker_by_subject(process.id, subject)
             if worker_id is None:
+                limit = self.settings.max_workers_per_process
+                if await queries.worker_count(process.id) >= limit:
+                    raise limit_reached(
+                        f"{process.label} has its limit of {limit} workers; raise "
+                        "--max-workers-per-process, or reset the process"
+                    )
                 worker_id = uuid.uuid4().hex
                 await queries.insert_worker(worker_id, process.id, subject, time.time())
         config = process.server_config
@@ -1492,10 +1649,8 @@ class Federation:
             worker_id, cycle, config["selection_probability"]
         ):
             return "not eligible"
-        if (
-            config["max_workers"] is not None
-            and await queries.assignment_count(cycle.id) >= config["max_workers"]
-        ):
+        most = config["max_workers"] or self.settings.max_open_assignments
+        if await queries.assignment_count(cycle.id) >= most:
             return "full"
         return None
 
@@ -1519,8 +1674,9 @@ class Federation:
                 '"worker_id" and "request_key" are required', "missing_field"
             )
         assignment = await self.store.read.assignment(request_key)
+        # compare_digest refuses non-ASCII str, so compare bytes.
         if assignment is None or not hmac.compare_digest(
-            assignment.worker_id, worker_id
+            assignment.worker_id.encode(), worker_id.encode()
         ):
             raise ApiError(
                 403,
@@ -1543,6 +1699,7 @@ class Federation:
         assert found is not None, f"cycle {cycle.id} has no checkpoint"
         model_id = params.get("model_id")
         if model_id is not None and model_id != str(found[0]):
+            # Compared as text: any other value, whatever it holds, is wrong.
             raise not_found(
                 f"model_id {model_id!r:.40} is not this cycle's model ({found[0]})",
                 "model_not_found",
@@ -1563,13 +1720,8 @@ class Federation:
                 "serves the portable plan: receive_operations_as=list",
                 "plan_not_found",
             )
-        plan_id = params.get("plan_id", "")
-        if not plan_id.isdigit():
-            raise bad_request(
-                f'"plan_id" must be a plan id number; got {plan_id!r:.40}',
-                "invalid_field",
-            )
-        plan = await self.store.read.plan(int(plan_id), assignment.cycle.process_id)
+        plan_id = number_param(params, "plan_id")
+        plan = await self.store.read.plan(plan_id, assignment.cycle.process_id)
         if plan is None:
             raise not_found(
                 f"plan {plan_id} is not a plan of this process", "plan_not_found"
@@ -1612,11 +1764,21 @@ class Federation:
             current = await queries.cycle(cycle.id)
             if current is None or current.closed_at is not None:
                 raise self._closed(cycle)
+            process = await queries.process_by_id(cycle.process_id)
+            max_diffs = process.server_config["max_diffs"]
+            count = await queries.report_count(cycle.id)
+            # Reports queued behind the one that filled the cycle would
+            # otherwise slip in before it closes.
+            if max_diffs is not None and count >= max_diffs:
+                raise conflict(
+                    f"cycle {cycle.number} already has its {max_diffs} diffs; "
+                    "request a new cycle",
+                    "cycle_closed",
+                )
             await queries.insert_report(
                 assignment, diff_bytes, digest, num_samples, metrics, time.time()
             )
-            count = await queries.report_count(cycle.id)
-            process = await queries.process_by_id(cycle.process_id)
+            count += 1
         http_logger.debug(
             "Report for cycle %d of %s accepted: %d bytes, %d samples",
             cycle.number,
@@ -1625,7 +1787,6 @@ class Federation:
             num_samples,
         )
 
-        max_diffs = process.server_config["max_diffs"]
         if max_diffs is not None and count >= max_diffs:
             # The report is already durable; a failure to close is logged and
             # retried by the clock, never turned into an error for this worker.
@@ -1686,6 +1847,8 @@ class Federation:
                     process.id, checkpoint_number, encode_state(new_state), now
                 )
             await queries.close_cycle(cycle.id, now, accumulator.count)
+            if not self.settings.keep_diffs:
+                await queries.drop_diffs(cycle.id)
             num_cycles = process.server_config["num_cycles"]
             is_last = bool(num_cycles) and cycle.number >= num_cycles
             if is_last:
@@ -1756,7 +1919,7 @@ class Federation:
                 deadline = now + config["cycle_length"]
                 async with self.store.transaction() as queries:
                     await queries.set_deadline(cycle.id, deadline)
-                cycle_logger.info(
+                cycle_logger.debug(
                     "Cycle %d of %s extended: %d (out of %d) diffs by its deadline",
                     cycle.number,
                     process.label,
@@ -1787,12 +1950,7 @@ class Federation:
         """A checkpoint of a process by number, or the latest one."""
         process = await self.find_process(params.get("name"), params.get("version"))
         wanted = params.get("checkpoint", "latest")
-        if wanted != "latest" and not wanted.isdigit():
-            raise bad_request(
-                f'"checkpoint" must be a number or "latest"; got {wanted!r:.40}',
-                "invalid_field",
-            )
-        number = None if wanted == "latest" else int(wanted)
+        number = None if wanted == "latest" else number_param(params, "checkpoint")
         found = await self.store.read.checkpoint(process.id, number)
         if found is None:
             raise not_found(
@@ -1884,13 +2042,53 @@ def raw_response(data: bytes) -> Response:
     return Response(data, media_type=CBOR_TYPE)
 
 
-async def read_body(request: Request, limit: int) -> bytes:
+def federation_of(request: Request) -> Federation:
+    federation: Federation = request.app.state.federation
+    return federation
+
+
+async def body_chunks(request: Request, idle_timeout_s: float) -> AsyncIterator[bytes]:
+    """The body's chunks as they arrive.
+
+    Raises:
+        ApiError: 408 when no data arrives for ``idle_timeout_s``, so that a
+            stalled or trickling upload does not hold a connection forever.
+    """
+    chunks = request.stream().__aiter__()
+    received = 0
+    while True:
+        try:
+            chunk = await asyncio.wait_for(chunks.__anext__(), idle_timeout_s)
+        except StopAsyncIteration:
+            return
+        except TimeoutError as exc:
+            raise ApiError(
+                408,
+                "request_timeout",
+                f"no body data arrived for {idle_timeout_s:g} s after {received} "
+                "bytes; the upload was dropped",
+            ) from exc
+        received += len(chunk)
+        yield chunk
+
+
+async def read_body(request: Request, limit: int, idle_timeout_s: float) -> bytes:
     """Read a request body into one buffer, refusing it past ``limit`` bytes.
 
     Raises:
         ApiError: 413 as soon as the declared or received size passes the
-            limit, before the rest is read.
+            limit, before the rest is read; 408 when no data arrives for
+            ``idle_timeout_s``; 415 for a compressed body, which is never
+            inflated (no decompression bombs).
     """
+    encoding = request.headers.get("content-encoding", "identity").lower()
+    if encoding != "identity":
+        raise ApiError(
+            415,
+            "unsupported_media_type",
+            f"Content-Encoding {encoding!r:.40} is not accepted; send the body "
+            "uncompressed",
+        )
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise ApiError(
@@ -1899,7 +2097,7 @@ async def read_body(request: Request, limit: int) -> bytes:
             f"body of {declared} bytes is over this route's limit of {limit} bytes",
         )
     buffer = bytearray()
-    async for chunk in request.stream():
+    async for chunk in body_chunks(request, idle_timeout_s):
         buffer += chunk
         if len(buffer) > limit:
             raise ApiError(
@@ -1910,14 +2108,16 @@ async def read_body(request: Request, limit: int) -> bytes:
     return bytes(buffer)
 
 
-async def message(request: Request, limit: int) -> Any:
-    data = await read_body(request, limit)
-    return decode_body(data, request.headers.get("content-type", ""))
-
-
-def federation_of(request: Request) -> Federation:
-    federation: Federation = request.app.state.federation
-    return federation
+async def message(request: Request, limit: int) -> dict[Any, Any]:
+    """Read and decode a control message, which must be a map."""
+    idle_timeout_s = federation_of(request).settings.body_idle_timeout_s
+    data = await read_body(request, limit, idle_timeout_s)
+    body = decode_body(data, request.headers.get("content-type", ""))
+    if not isinstance(body, dict):
+        raise bad_request(
+            f"body must be a map; got {type(body).__name__}", "invalid_body"
+        )
+    return body
 
 
 def control(
@@ -2008,7 +2208,7 @@ async def speed_test_upload(request: Request) -> Response:
         )
     received = 0
     started = time.perf_counter()
-    async for chunk in request.stream():
+    async for chunk in body_chunks(request, federation.settings.body_idle_timeout_s):
         received += len(chunk)
         if received > SPEED_TEST_MAX_BYTES:
             raise ApiError(
@@ -2133,22 +2333,55 @@ def serve(args: argparse.Namespace) -> int:
         db_path=Path(args.db),
         admin_token=os.environ.get("NIMBLE_EDGE_ADMIN_TOKEN") or None,
         max_host_bytes=int(args.max_host_mb * MIB),
+        body_idle_timeout_s=args.body_timeout_s,
+        max_processes=args.max_processes,
+        max_workers_per_process=args.max_workers_per_process,
+        max_open_assignments=args.max_open_assignments,
+        keep_diffs=args.keep_diffs,
     )
-    app = create_app(settings)
+    # Open the store once before listening, so that a read-only or full disk
+    # is one clear error line instead of a failed application start-up.
+    asyncio.run(check_store(settings.db_path))
+
     config = uvicorn.Config(
-        app,
+        create_app(settings),
         host=args.host,
-        port=int(args.port),
+        port=args.port,
         log_config=None,
         # Access lines carry query strings, and request_key is a credential.
         access_log=False,
+        limit_concurrency=args.max_connections,
         timeout_graceful_shutdown=30,
     )
+    server = uvicorn.Server(config)
+    # uvicorn drains in-flight requests on SIGTERM, then raises the signal
+    # again under the handler it found; a no-op one lets serve exit 0.
+    signal.signal(signal.SIGTERM, lambda signum, frame: None)
     logger.info(
         "Starting nimble-edge %s on http://%s:%s", __version__, args.host, args.port
     )
-    uvicorn.Server(config).run()
+    server.run()
+    if not server.started:
+        print("error: the server did not start; see the log above", file=sys.stderr)
+        return 1
     return 0
+
+
+async def check_store(path: Path) -> None:
+    """Open the store, write to it once, and close it.
+
+    Raises:
+        RuntimeError: the file cannot be opened, migrated or written.
+    """
+    store = Store(path)
+    await store.open()
+    try:
+        async with store.transaction() as queries:
+            await queries.set_setting("last_started_at", str(time.time()))
+    except ApiError as exc:
+        raise RuntimeError(f"cannot write database {path}: {exc.message}") from exc
+    finally:
+        await store.close()
 
 
 def migrate(args: argparse.Namespace) -> int:
@@ -2156,9 +2389,11 @@ def migrate(args: argparse.Namespace) -> int:
         store = Store(Path(args.db))
         await store.open()
         await store.close()
-        return []
+        return store.applied
 
-    asyncio.run(run())
+    applied = asyncio.run(run())
+    for name in applied:
+        print(f"applied {name}")
     print(f"{args.db}: schema up to date")
     return 0
 
@@ -2384,6 +2619,29 @@ def _dist_version(name: str) -> str:
         return "not installed"
 
 
+def port_number(text: str) -> int:
+    """argparse type: a TCP port from 1 to 65535."""
+    value = int(text)
+    if not 1 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"a port is 1 to 65535; got {value}")
+    return value
+
+
+def positive(kind: Callable[[str], Any]) -> Callable[[str], Any]:
+    """argparse type: a finite number above zero of ``kind``."""
+
+    def parse(text: str) -> Any:
+        value = kind(text)
+        if not (math.isfinite(value) and value > 0):
+            raise argparse.ArgumentTypeError(
+                f"must be a finite number above 0; got {text}"
+            )
+        return value
+
+    parse.__name__ = kind.__name__
+    return parse
+
+
 def build_parser() -> argparse.ArgumentParser:
     formatter = argparse.ArgumentDefaultsHelpFormatter
     parser = argparse.ArgumentParser(
@@ -2394,7 +2652,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--log-level",
         default=env_default("log-level", "info"),
-        choices=["debug", "info", "warning", "error"],
+        choices=LOG_LEVELS,
         help="log level (NIMBLE_EDGE_LOG_LEVEL)",
     )
     commands = parser.add_subparsers(dest="command", required=True)
@@ -2402,33 +2660,63 @@ def build_parser() -> argparse.ArgumentParser:
     serve_parser = commands.add_parser(
         "serve", help="run the orchestrator", formatter_class=formatter
     )
+    serve_flags: list[tuple[str, Callable[[str], Any], Any, str]] = [
+        ("db", str, DEFAULT_DB, "SQLite file"),
+        (
+            "host",
+            str,
+            DEFAULT_HOST,
+            "address to listen on; 0.0.0.0 exposes the "
+            "server to every network this box is on",
+        ),
+        ("port", port_number, DEFAULT_PORT, "TCP port, 1 to 65535"),
+        ("max-host-mb", positive(float), 512, "largest host-training upload, in MiB"),
+        ("max-processes", positive(int), 100, "most processes hosted at once"),
+        (
+            "max-workers-per-process",
+            positive(int),
+            100_000,
+            "most workers one process admits to authenticate",
+        ),
+        (
+            "max-open-assignments",
+            positive(int),
+            10_000,
+            "most assignments in one cycle when its process sets no max_workers",
+        ),
+        (
+            "body-timeout-s",
+            positive(float),
+            30.0,
+            "drop an upload after this many seconds without data",
+        ),
+        (
+            "max-connections",
+            positive(int),
+            1024,
+            "concurrent connections; more are answered 503",
+        ),
+    ]
+    for flag, kind, default, text in serve_flags:
+        variable = "NIMBLE_EDGE_" + flag.upper().replace("-", "_")
+        serve_parser.add_argument(
+            f"--{flag}",
+            type=kind,
+            default=env_default(flag, default),
+            help=f"{text} ({variable})",
+        )
     serve_parser.add_argument(
-        "--db",
-        default=env_default("db", DEFAULT_DB),
-        help="SQLite file (NIMBLE_EDGE_DB)",
-    )
-    serve_parser.add_argument(
-        "--host",
-        default=env_default("host", DEFAULT_HOST),
-        help="address to listen on; 0.0.0.0 exposes the server to every network "
-        "this box is on (NIMBLE_EDGE_HOST)",
-    )
-    serve_parser.add_argument(
-        "--port",
-        type=int,
-        default=env_default("port", DEFAULT_PORT),
-        help="TCP port (NIMBLE_EDGE_PORT)",
-    )
-    serve_parser.add_argument(
-        "--max-host-mb",
-        type=float,
-        default=env_default("max-host-mb", 512),
-        help="largest host-training upload in MiB (NIMBLE_EDGE_MAX_HOST_MB)",
+        "--keep-diffs",
+        action="store_true",
+        default=env_default("keep-diffs", "") in ("1", "true", "yes"),
+        help="keep every diff after its cycle is averaged, for audits; by default "
+        "a closed cycle's diffs are dropped to bound the file's size "
+        "(NIMBLE_EDGE_KEEP_DIFFS=1)",
     )
     serve_parser.add_argument(
         "--log-level",
         default=argparse.SUPPRESS,
-        choices=["debug", "info", "warning", "error"],
+        choices=LOG_LEVELS,
         help="log level (NIMBLE_EDGE_LOG_LEVEL)",
     )
     serve_parser.set_defaults(handler=serve)
@@ -2554,7 +2842,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    # argparse checks choices on the command line but not on defaults, which
+    # may come from the environment.
+    if args.log_level not in LOG_LEVELS:
+        parser.error(
+            f"NIMBLE_EDGE_LOG_LEVEL must be one of {', '.join(LOG_LEVELS)}; "
+            f"got {args.log_level!r}"
+        )
     logging.basicConfig(
         level=args.log_level.upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

@@ -31,6 +31,7 @@ __all__ = [
     "STATE_FORMAT",
     "STATE_VERSION",
     "StateError",
+    "count_items",
     "decode_message",
     "decode_state",
     "decode_tensor",
@@ -46,6 +47,10 @@ STATE_VERSION = 1
 # to spare; far below what would exhaust the C stack.
 MAX_DEPTH = 24
 MAX_DIMS = 32
+# No dimension or element count above 2**40: far beyond any real model, and
+# small enough that shape arithmetic never overflows in torch.
+MAX_ELEMENTS = 2**40
+MAX_ITEMS = 50_000_000
 
 # RFC 8746 typed-array tags: little-endian tags are written, both are read.
 _TAG_BY_DTYPE: dict[torch.dtype, int] = {
@@ -150,16 +155,84 @@ for _tag, _dtype in _BIG_TAGS.items():
 _MESSAGE_DECODERS: dict[int, Any] = {tag: _refuse_native for tag in _NATIVE_TAGS}
 
 
-def decode_message(data: bytes, *, max_depth: int = MAX_DEPTH) -> Any:
+def decode_message(
+    data: bytes, *, max_depth: int = MAX_DEPTH, max_items: int | None = 4096
+) -> Any:
     """Decode an untrusted control message that may use no CBOR tags at all.
 
+    Args:
+        data: the message's bytes.
+        max_depth: the deepest nesting accepted.
+        max_items: the most data items accepted (None: no limit); checked
+            before anything is decoded.
+
     Raises:
-        StateError: the bytes are not one well-formed, tag-free CBOR item.
+        StateError: the bytes are not one well-formed, tag-free CBOR item, or
+            hold more items than allowed.
     """
-    return _loads(data, _MESSAGE_DECODERS, max_depth)
+    return _loads(data, _MESSAGE_DECODERS, max_depth, max_items)
 
 
-def _loads(data: bytes, decoders: Mapping[int, Any], max_depth: int) -> Any:
+def count_items(data: bytes, max_items: int) -> int:
+    """Count the data items of one CBOR document without decoding it; return
+    the offset where the document ends.
+
+    Decoding turns every item into a Python object of 30 bytes or more, so a
+    document of a million one-byte integers would cost far more memory than
+    its size. Counting first bounds that: the walk reads only item headers,
+    skips string contents, and stops after ``max_items`` items.
+
+    Raises:
+        StateError: the document holds more than ``max_items`` items, uses
+            an indefinite length or a reserved header, or is followed by
+            more bytes.
+    """
+    position, length = 0, len(data)
+    pending, items = 1, 0
+    while pending and position < length:
+        initial = data[position]
+        major, info = initial >> 5, initial & 31
+        position += 1
+        if info < 24:
+            value = info
+        elif info <= 27:
+            size = 1 << (info - 24)
+            value = int.from_bytes(data[position : position + size], "big")
+            position += size
+        else:
+            raise StateError(
+                f"indefinite or reserved CBOR header 0x{initial:02x} at byte "
+                f"{position - 1}"
+            )
+
+        pending -= 1
+        items += 1
+        if items > max_items:
+            raise StateError(f"document holds more than {max_items} CBOR items")
+        if major in (2, 3):
+            position += value
+        elif major == 4:
+            pending += value
+        elif major == 5:
+            pending += 2 * value
+        elif major == 6:
+            pending += 1
+    if not pending and position < length:
+        raise StateError(
+            f"{length - position} bytes follow the CBOR document; send exactly one"
+        )
+    return items
+
+
+def _loads(
+    data: bytes,
+    decoders: Mapping[int, Any],
+    max_depth: int,
+    max_items: int | None = None,
+) -> Any:
+    # Always walked: it also finds bytes trailing the document, which cbor2
+    # would silently ignore.
+    count_items(data, max_items if max_items is not None else MAX_ITEMS)
     try:
         return cbor2.loads(
             data,
@@ -250,10 +323,15 @@ def _check_shape(shape: Any, where: str) -> list[int]:
             f"got {shape!r:.80}"
         )
     for dim in shape:
-        if type(dim) is not int or dim < 0:
+        if type(dim) is not int or not 0 <= dim <= MAX_ELEMENTS:
             raise StateError(
-                f"{where}: dimensions must be non-negative integers; got {dim!r:.40}"
+                f"{where}: dimensions must be integers from 0 to {MAX_ELEMENTS}; "
+                f"got {dim!r:.40}"
             )
+    if math.prod(shape) > MAX_ELEMENTS:
+        raise StateError(
+            f"{where}: shape {shape} holds more than {MAX_ELEMENTS} elements"
+        )
     return list(shape)
 
 
@@ -327,7 +405,9 @@ def decode_tensor(value: Any, *, where: str = "value", copy: bool = True) -> Any
     )
 
 
-def decode_state(data: bytes, *, copy: bool = True) -> dict[str, torch.Tensor]:
+def decode_state(
+    data: bytes, *, copy: bool = True, max_tensors: int | None = None
+) -> dict[str, torch.Tensor]:
     """Decode a state document into an ordered ``{name: tensor}`` dict.
 
     Args:
@@ -335,12 +415,16 @@ def decode_state(data: bytes, *, copy: bool = True) -> dict[str, torch.Tensor]:
         copy: give each tensor its own writable memory. ``False`` maps the
             tensors onto the document's buffers, which is faster and uses
             less memory, but the tensors must then never be written to.
+        max_tensors: when given, refuse (before decoding) a document with
+            more CBOR items than that many tensors can need.
 
     Raises:
         StateError: the bytes are not a valid state document; the message
             says what was received and what is expected.
     """
-    document = _loads(data, _STATE_DECODERS, MAX_DEPTH)
+    # A tensor takes at most 12 items plus one per dimension.
+    max_items = None if max_tensors is None else 16 + max_tensors * (12 + MAX_DIMS)
+    document = _loads(data, _STATE_DECODERS, MAX_DEPTH, max_items)
     if not isinstance(document, dict):
         raise StateError(
             f"a state document must be a map; got {type(document).__name__}"
@@ -360,9 +444,9 @@ def decode_state(data: bytes, *, copy: bool = True) -> dict[str, torch.Tensor]:
 
     state: dict[str, torch.Tensor] = {}
     for index, entry in enumerate(entries):
-        if not isinstance(entry, dict) or not isinstance(entry.get("name"), str):
-            raise StateError(f"tensor {index} must be a map with a string name")
-        name = entry["name"]
+        name = entry.get("name") if isinstance(entry, dict) else None
+        if not isinstance(name, str) or not name:
+            raise StateError(f"tensor {index} must be a map with a non-empty name")
         if name in state:
             raise StateError(f"tensor name {name!r:.60} appears twice")
         state[name] = decode_tensor(

@@ -32,7 +32,7 @@ def test_usage_error_exits_2():
     result = cli("serve", "--port", "not-a-port")
 
     assert result.returncode == 2
-    assert "invalid int value" in result.stderr
+    assert "invalid port_number value" in result.stderr
 
 
 def test_version_prints_library_versions():

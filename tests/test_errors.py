@@ -294,3 +294,144 @@ def test_cycle_request_errors(server, assigned):
         "invalid_field",
     )
     assert_envelope(httpx.post(api, json={"model": name}), 400, "missing_field")
+
+
+def test_bodies_that_are_not_maps_are_refused(server):
+    for route in ("report", "authenticate", "cycle-request"):
+        for body in ([], None, 5, "x", b"\x00"):
+            response = httpx.post(
+                f"{server.url}/model-centric/{route}",
+                content=cbor2.dumps(body),
+                headers=CBOR,
+            )
+            assert_envelope(response, 400, "invalid_body")
+
+
+def test_trailing_bytes_after_the_document_are_refused(server):
+    body = cbor2.dumps({"model_name": "x"}) + b"\xff\xff"
+
+    response = httpx.post(
+        f"{server.url}/model-centric/authenticate", content=body, headers=CBOR
+    )
+
+    message = assert_envelope(response, 400, "invalid_body")
+    assert "follow the CBOR document" in message
+
+
+def test_odd_ids_and_numbers_are_refused_not_crashed_on(server, assigned):
+    name, keys = assigned
+    api = f"{server.url}/model-centric"
+    admin = {"Authorization": f"Bearer {server.token}"}
+
+    assert_envelope(
+        httpx.get(f"{api}/get-model", params={**keys, "worker_id": "é"}),
+        403,
+        "unknown_assignment",
+    )
+    for plan_id in ("²", "1" * 24, "-1", "1e3"):
+        assert_envelope(
+            httpx.get(f"{api}/get-plan", params={**keys, "plan_id": plan_id}),
+            400,
+            "invalid_field",
+        )
+    assert_envelope(
+        httpx.get(
+            f"{api}/retrieve-model",
+            params={"name": name, "checkpoint": "9" * 30},
+            headers=admin,
+        ),
+        400,
+        "invalid_field",
+    )
+    huge = (
+        '{"worker_id": "%s", "request_key": "%s", "diff": "", "metrics": {"loss": %s}}'
+    )
+    response = httpx.post(
+        f"{api}/report",
+        content=huge % (keys["worker_id"], keys["request_key"], "1" * 400),
+        headers={"Content-Type": "application/json"},
+    )
+    assert_envelope(response, 400, "invalid_field")
+
+
+def test_shapes_that_overflow_are_refused(server, assigned):
+    _, keys = assigned
+    value = cbor2.CBORTag(40, [[0, 2**63], cbor2.CBORTag(85, b"")])
+    diff = cbor2.dumps(
+        {
+            "format": "nimble-edge/state",
+            "version": 1,
+            "tensors": [{"name": "fc.weight", "value": value}],
+        }
+    )
+
+    response = httpx.post(
+        f"{server.url}/model-centric/report",
+        content=cbor2.dumps({**keys, "diff": diff}),
+        headers=CBOR,
+    )
+
+    assert_envelope(response, 400, "invalid_diff")
+
+
+@pytest.mark.parametrize(
+    ("fields", "code"),
+    [
+        ({"plans": {1: b"x"}}, "invalid_field"),
+        ({"protocols": {b"p": b"x"}}, "invalid_field"),
+        (
+            {"client_config": {"name": "e", "version": "1", "x": b"bytes"}},
+            "invalid_config",
+        ),
+        (
+            {"client_config": {"name": "e", "version": "1", "x": float("nan")}},
+            "invalid_config",
+        ),
+        (
+            {"client_config": {"name": "e", "version": "1", 1: "int key"}},
+            "invalid_config",
+        ),
+        (
+            {
+                "server_config": {
+                    "authentication": {
+                        "type": "jwt",
+                        "secret": "s" * 40,
+                        "algorithms": [["HS256"]],
+                    }
+                }
+            },
+            "invalid_config",
+        ),
+        (
+            {
+                "server_config": {
+                    "authentication": {"type": "jwt", "secret": "s" * 40, "audience": 5}
+                }
+            },
+            "invalid_config",
+        ),
+        ({"server_config": {"minimum_upload_speed": False}}, "invalid_config"),
+        ({"server_config": {"cycle_length": 1e300}}, "invalid_config"),
+        ({"server_config": {"cycle_length": 0.001}}, "invalid_config"),
+        ({"model": encode_state([torch.tensor([float("nan")])])}, "invalid_model"),
+        ({"model": encode_state({"": torch.zeros(1)})}, "invalid_model"),
+    ],
+)
+def test_hosting_refuses_configs_that_could_never_work(server, plan, fields, code):
+    admin = {"Authorization": f"Bearer {server.token}", **CBOR}
+    body = {
+        "model": encode_state([torch.zeros(3, 4), torch.zeros(3)]),
+        "plans": {"training_plan": plan.to_bytes()},
+        "client_config": {"name": "never", "version": "1"},
+        "server_config": {},
+        **fields,
+    }
+
+    response = httpx.post(
+        f"{server.url}/model-centric/host-training",
+        content=cbor2.dumps(body),
+        headers=admin,
+    )
+
+    assert_envelope(response, 400, code)

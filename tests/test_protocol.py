@@ -159,7 +159,7 @@ def test_speed_test_routes_are_bounded_and_need_a_worker(server, host):
 
 
 def test_deadline_with_too_few_diffs_closes_without_a_checkpoint(server, admin, host):
-    name, _ = host(cycle_length=0.5, min_diffs=2, max_diffs=None, on_deadline="close")
+    name, _ = host(cycle_length=1, min_diffs=2, max_diffs=None, on_deadline="close")
     worker, answer = request_cycle(server, name)
     report_ones(worker, answer, server)
 

@@ -99,7 +99,7 @@ def test_shape_claiming_more_elements_than_bytes_is_refused():
 def test_negative_dimension_is_refused():
     value = cbor2.CBORTag(40, [[-2], cbor2.CBORTag(85, b"\x00" * 8)])
 
-    with pytest.raises(StateError, match="non-negative"):
+    with pytest.raises(StateError, match="integers from 0 to"):
         decode_state(_document(value))
 
 
@@ -158,3 +158,29 @@ def test_state_error_is_also_a_value_error():
 def test_complex_tensors_have_no_wire_form():
     with pytest.raises(StateError, match="no wire form"):
         encode_state([torch.zeros(2, dtype=torch.complex64)])
+
+
+def test_dimensions_that_would_overflow_are_refused_even_when_empty():
+    value = cbor2.CBORTag(40, [[0, 2**63], cbor2.CBORTag(85, b"")])
+
+    with pytest.raises(StateError, match="integers from 0 to"):
+        decode_state(_document(value))
+
+
+def test_bytes_after_the_document_are_refused():
+    with pytest.raises(StateError, match="follow the CBOR document"):
+        decode_state(encode_state([torch.ones(2)]) + b"junk")
+
+
+def test_empty_tensor_names_are_refused():
+    with pytest.raises(StateError, match="non-empty name"):
+        decode_state(encode_state({"": torch.ones(1)}))
+
+
+def test_item_budget_is_checked_before_decoding():
+    many = cbor2.dumps(
+        {"format": "nimble-edge/state", "version": 1, "tensors": [0] * 10_000}
+    )
+
+    with pytest.raises(StateError, match="more than"):
+        decode_state(many, max_tensors=2)

@@ -78,7 +78,7 @@ def test_failed_migration_rolls_back(tmp_path, monkeypatch):
     )
     monkeypatch.setattr(nimble_edge, "MIGRATIONS_DIR", migrations)
 
-    with pytest.raises(sqlite3.OperationalError, match="no such table: missing"):
+    with pytest.raises(RuntimeError, match=r"0002_bad failed.*no such table: missing"):
         run(Store(tmp_path / "db.sqlite").open())
 
     db = sqlite3.connect(tmp_path / "db.sqlite")
