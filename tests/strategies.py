@@ -50,3 +50,62 @@ names = st.text(min_size=1, max_size=20)
 def states(draw: st.DrawFn) -> dict[str, torch.Tensor]:
     keys = draw(st.lists(names, min_size=0, max_size=5, unique=True))
     return {key: draw(tensors()) for key in keys}
+
+
+# Any value cbor2 can encode, for fuzzing: huge and negative integers, NaN
+# and infinities, byte and text strings, nested lists and maps with keys of
+# mixed types (which JSON cannot carry, so JSON fuzzing uses json_values).
+cbor_values = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(min_value=-(2**64), max_value=2**64)
+    | st.floats(allow_nan=True, allow_infinity=True)
+    | st.text(max_size=30)
+    | st.binary(max_size=60),
+    lambda children: (
+        st.lists(children, max_size=6)
+        | st.dictionaries(st.text(max_size=12) | st.integers(), children, max_size=6)
+    ),
+    max_leaves=25,
+)
+
+json_values = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(min_value=-(10**30), max_value=10**30)
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(max_size=30),
+    lambda children: (
+        st.lists(children, max_size=6)
+        | st.dictionaries(st.text(max_size=12), children, max_size=6)
+    ),
+    max_leaves=25,
+)
+
+# Field names the routes read, so that fuzzed maps often reach the checks
+# past "missing field".
+route_fields = st.sampled_from(
+    [
+        "model_name",
+        "model_version",
+        "auth_token",
+        "worker_id",
+        "model",
+        "version",
+        "request_key",
+        "diff",
+        "num_samples",
+        "metrics",
+        "download",
+        "upload",
+        "client_config",
+        "server_config",
+        "plans",
+        "protocols",
+        "averaging_plan",
+        "name",
+        "checkpoint",
+    ]
+)
+
+messages = st.dictionaries(route_fields, cbor_values, max_size=8)
