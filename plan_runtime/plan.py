@@ -1,13 +1,11 @@
-"""Plans: a torch function traced once into a portable, safe CBOR document.
+"""Plans: a traced torch computation as a portable, safe CBOR document.
 
-``@make_plan`` runs the decorated function on its default arguments under
-``make_fx``, which records every ATen operation that runs, autograd's
-backward included, then functionalises the graph so that no operation
-mutates its inputs. The result is a :class:`Plan`: inputs with fixed dtypes
-and shapes, constants, and an ordered list of operations from the allow-list
-in :mod:`plan_runtime.ops`, each reading earlier values.
-
-The document (version 1)::
+A :class:`Plan` holds inputs with fixed dtypes and shapes, constants, and an
+ordered list of operations from the allow-list in :mod:`plan_runtime.ops`,
+each reading earlier values. :func:`plan_runtime.trace.make_plan` makes one
+from a torch function; :meth:`Plan.from_bytes` loads one from untrusted
+bytes. The document format is specified in ``docs/plan-format.md``; in
+short (version 1)::
 
     {"format": "nimble-edge/plan", "version": 1, "name": "training_plan",
      "inputs": [{"name": "xs", "dtype": "float32", "shape": [64, 64]}, ...],
@@ -21,20 +19,24 @@ Values are numbered in order of definition: inputs first, then constants,
 then the ``n`` results of each operation. An argument is a literal (null,
 bool, integer, float, string, or a list of arguments) or a one-key map:
 ``{"ref": i}`` for value ``i``, ``{"dtype": "float32"}``, ``{"device":
-"cpu"}``, ``{"layout": "strided"}`` or ``{"memory_format": ...}``.
+"cpu"}``, ``{"layout": "strided"}``, ``{"memory_format": ...}``, or
+``{"rng": i}`` for the plan's random generator seeded from input ``i``.
 
 Loading a plan never unpickles, evaluates or imports anything: operation
-names are looked up in a fixed table, and every reference is checked to
-point at a value already defined.
+names are looked up in a fixed table, every reference is checked to point
+at a value already defined, and a dry run on shape-only (meta) tensors
+sizes every intermediate before any real memory is spent on the plan.
+
+Random operations never touch torch's global generator. Each call creates
+one ``torch.Generator`` per seed input, seeded with ``manual_seed(seed)``,
+and every random operation that names that input draws from it in the
+order of the operation list, so a plan's outputs are a function of its
+inputs alone, and concurrent calls do not share random state.
 """
 
 from __future__ import annotations
 
-import functools
-import inspect
 import logging
-import operator
-import traceback
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -42,7 +44,7 @@ from typing import Any
 import cbor2
 import torch
 
-from plan_runtime.ops import ALLOWED_OPS, IDENTITY_OPS
+from plan_runtime.ops import ALLOWED_OPS, IMPLEMENTATIONS, RANDOM_OPS
 from plan_runtime.state import (
     _STATE_DECODERS,
     DTYPE_NAMES,
@@ -53,7 +55,17 @@ from plan_runtime.state import (
     encode_tensor,
 )
 
-__all__ = ["PLAN_FORMAT", "PLAN_VERSION", "Plan", "PlanError", "make_plan"]
+__all__ = [
+    "DEFAULT_MAX_MEMORY_BYTES",
+    "PLAN_FORMAT",
+    "PLAN_VERSION",
+    "InputSpec",
+    "MemoryProfile",
+    "OpError",
+    "Plan",
+    "PlanError",
+    "make_plan",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -65,8 +77,13 @@ MAX_OUTPUTS_PER_OP = 1024
 # Argument lists nest only a few levels (a list of references, or a list of
 # lists of sizes); the limit keeps a hostile document from recursing deeply.
 MAX_DEPTH = 32
+# What a device lets one plan hold at once, inputs included, unless the
+# caller says otherwise: enough for a small CNN at a large batch, well under
+# the memory of a phone or a Raspberry Pi.
+DEFAULT_MAX_MEMORY_BYTES = 1024 * 1024 * 1024
 
 _DEVICES = {"cpu": torch.device("cpu")}
+_META = torch.device("meta")
 _LAYOUTS = {"strided": torch.strided}
 _MEMORY_FORMATS = {
     "contiguous_format": torch.contiguous_format,
@@ -83,6 +100,18 @@ class PlanError(ValueError):
     """A plan cannot be traced, loaded or run; the message says why."""
 
 
+class OpError(PlanError):
+    """One op of a plan cannot run or needs too much memory.
+
+    Attributes:
+        op_name: the op's allow-list name, such as ``aten::mm``.
+    """
+
+    def __init__(self, message: str, op_name: str):
+        super().__init__(message)
+        self.op_name = op_name
+
+
 @dataclass(frozen=True)
 class InputSpec:
     """One flat input of a plan: its name, dtype and fixed shape."""
@@ -97,6 +126,13 @@ class _Ref:
     index: int
 
 
+@dataclass(frozen=True)
+class _Rng:
+    """The plan's generator seeded from input ``index``."""
+
+    index: int
+
+
 @dataclass
 class _Op:
     name: str
@@ -105,6 +141,39 @@ class _Op:
     kwargs: dict[str, Any]
     n: int
     has_list_output: bool = field(default=False)
+    # Filled in when the plan is built: the values whose last reader is
+    # this op, and whether arguments can be resolved by the fast path.
+    release: tuple[int, ...] = field(default=())
+    is_flat: bool = field(default=False)
+
+
+@dataclass(frozen=True)
+class OpMemory:
+    """What one op allocates in the dry run."""
+
+    outputs: tuple[tuple[str, tuple[int, ...]], ...]
+    new_bytes: int
+    live_bytes: int
+
+
+@dataclass(frozen=True)
+class MemoryProfile:
+    """The dry run's account of a plan's memory, in bytes.
+
+    Attributes:
+        resident_bytes: inputs and constants, held for the whole call.
+        peak_bytes: the most that is held at once, resident bytes included.
+        peak_op: the op at which the peak is reached (None: before any op).
+        ops: per op, its outputs' dtypes and shapes, the bytes of new
+            storage it allocates, and the bytes held right after it.
+        outputs: the dtype name and shape of each of the plan's outputs.
+    """
+
+    resident_bytes: int
+    peak_bytes: int
+    peak_op: int | None
+    ops: tuple[OpMemory, ...]
+    outputs: tuple[tuple[str, tuple[int, ...]], ...]
 
 
 # ---------------------------------------------------------------- the plan
@@ -117,6 +186,16 @@ class Plan:
     ``plan(xs, ys, batch_size, lr, *params)`` are the same call. Python
     numbers are accepted where the plan has a 0-d input. The result is a
     tuple of tensors.
+
+    Building a plan runs the dry run: a plan whose peak memory would pass
+    ``max_memory_bytes`` is refused with a :class:`PlanError` that names the
+    op, before any real tensor is made.
+
+    Attributes:
+        function: the torch function the plan was traced from, when it was
+            traced in this process (never stored in the document).
+        example_args: the arguments it was traced with, likewise.
+        memory: the dry run's :class:`MemoryProfile`.
     """
 
     def __init__(
@@ -127,6 +206,8 @@ class Plan:
         constants: list[tuple[str, torch.Tensor]],
         ops: list[_Op],
         outputs: list[int],
+        *,
+        max_memory_bytes: int = DEFAULT_MAX_MEMORY_BYTES,
     ):
         self.name = name
         self.inputs = inputs
@@ -134,6 +215,13 @@ class Plan:
         self.constants = constants
         self.ops = ops
         self.outputs = outputs
+        self.function: Callable[..., Any] | None = None
+        self.example_args: tuple[Any, ...] | None = None
+        self.seed_inputs = sorted(
+            {op.kwargs["generator"].index for op in ops if op.name in RANDOM_OPS}
+        )
+        _plan_releases(self)
+        self.memory = _dry_run(self, max_memory_bytes)
 
     def __repr__(self) -> str:
         return (
@@ -149,11 +237,21 @@ class Plan:
     def __call__(self, *args: Any) -> tuple[torch.Tensor, ...]:
         values = self._bind(args)
         values.extend(tensor for _, tensor in self.constants)
+        generators = {
+            index: torch.Generator().manual_seed(int(values[index]))
+            for index in self.seed_inputs
+        }
 
         with torch.no_grad():
             for position, op in enumerate(self.ops):
-                resolved = _resolve(op.args, values)
-                kwargs = _resolve(op.kwargs, values) if op.kwargs else {}
+                if op.is_flat:
+                    resolved = [
+                        values[a.index] if type(a) is _Ref else a for a in op.args
+                    ]
+                    kwargs = op.kwargs
+                else:
+                    resolved = _resolve(op.args, values, generators)
+                    kwargs = _resolve(op.kwargs, values, generators)
                 try:
                     result = op.fn(*resolved, **kwargs)
                 except (RuntimeError, TypeError, ValueError, IndexError) as exc:
@@ -162,13 +260,12 @@ class Plan:
                     ) from exc
                 if op.n == 1 and not op.has_list_output:
                     values.append(result)
-                    continue
-                if len(result) != op.n:
-                    raise PlanError(
-                        f"op {position} ({op.name}) returned {len(result)} values; "
-                        f"the plan expects {op.n}"
-                    )
-                values.extend(result)
+                else:
+                    values.extend(_check_count(result, op, position))
+                # Dropping each value after its last reader keeps the peak
+                # where the dry run measured it.
+                for index in op.release:
+                    values[index] = None
         return tuple(values[i] for i in self.outputs)
 
     def _bind(self, args: Sequence[Any]) -> list[Any]:
@@ -181,7 +278,7 @@ class Plan:
         if len(flat) != len(self.inputs):
             raise PlanError(
                 f"plan {self.name!r} takes {len(self.inputs)} tensors "
-                f"({self._signature_text()}); got {len(flat)}"
+                f"({self.signature_text()}); got {len(flat)}"
             )
 
         bound: list[Any] = []
@@ -195,17 +292,22 @@ class Plan:
             if value.dtype != spec.dtype or tuple(value.shape) != spec.shape:
                 raise PlanError(
                     f"input {spec.name!r} must be {DTYPE_NAMES[spec.dtype]} of "
-                    f"shape {list(spec.shape)}; got {_describe(value)}"
+                    f"shape {list(spec.shape)}; got {describe(value)}"
                 )
             bound.append(value.detach())
         return bound
 
-    def _signature_text(self) -> str:
+    def signature_text(self) -> str:
+        """The plan's parameters as text: ``xs, ys, params: 4 tensors``."""
         parts = [
             name if size is None else f"{name}: {size} tensors"
             for name, size in self.signature
         ]
         return ", ".join(parts)
+
+    def zeros(self) -> list[torch.Tensor]:
+        """One zero tensor per input, in order: arguments the plan accepts."""
+        return [torch.zeros(spec.shape, dtype=spec.dtype) for spec in self.inputs]
 
     # ------------------------------------------------------------ encoding
 
@@ -248,12 +350,26 @@ class Plan:
         return cbor2.dumps(self.to_document())
 
     @classmethod
-    def from_bytes(cls, data: bytes, *, max_bytes: int = MAX_PLAN_BYTES) -> Plan:
+    def from_bytes(
+        cls,
+        data: bytes,
+        *,
+        max_bytes: int = MAX_PLAN_BYTES,
+        max_memory_bytes: int = DEFAULT_MAX_MEMORY_BYTES,
+    ) -> Plan:
         """Load and check a plan document from untrusted bytes.
+
+        Args:
+            data: the document.
+            max_bytes: refuse a longer document before decoding it.
+            max_memory_bytes: refuse a plan whose dry run holds more than
+                this at once, inputs and constants included.
 
         Raises:
             PlanError: the document is malformed, names an operation that is
-                not on the allow-list, or refers to a value before it exists.
+                not on the allow-list, refers to a value before it exists,
+                cannot run on the shapes it declares, or needs more memory
+                than ``max_memory_bytes``.
         """
         if len(data) > max_bytes:
             raise PlanError(
@@ -263,27 +379,61 @@ class Plan:
             document = _loads(data, _STATE_DECODERS, MAX_DEPTH)
         except StateError as exc:
             raise PlanError(f"plan document is not valid CBOR: {exc}") from exc
-        return _load_document(document)
+        return _load_document(document, max_memory_bytes)
 
 
-def _describe(value: torch.Tensor) -> str:
+def describe(value: torch.Tensor) -> str:
+    """``float32 of shape [3, 4]``: a tensor's dtype and shape for messages."""
     dtype = DTYPE_NAMES.get(value.dtype, str(value.dtype))
     return f"{dtype} of shape {list(value.shape)}"
 
 
-def _resolve(template: Any, values: list[Any]) -> Any:
+def _check_count(result: Any, op: _Op, position: int) -> Any:
+    if len(result) != op.n:
+        raise PlanError(
+            f"op {position} ({op.name}) returned {len(result)} values; "
+            f"the plan expects {op.n}"
+        )
+    return result
+
+
+def _resolve(template: Any, values: list[Any], generators: dict[int, Any]) -> Any:
     if isinstance(template, _Ref):
         return values[template.index]
+    if isinstance(template, _Rng):
+        return generators.get(template.index)
     if isinstance(template, list):
-        return [_resolve(item, values) for item in template]
+        return [_resolve(item, values, generators) for item in template]
     if isinstance(template, dict):
-        return {key: _resolve(item, values) for key, item in template.items()}
+        return {k: _resolve(item, values, generators) for k, item in template.items()}
     return template
+
+
+def _has_refs(template: Any) -> bool:
+    if isinstance(template, (_Ref, _Rng)):
+        return True
+    if isinstance(template, list):
+        return any(_has_refs(item) for item in template)
+    if isinstance(template, dict):
+        return any(_has_refs(item) for item in template.values())
+    return False
+
+
+def _refs_in(template: Any) -> list[int]:
+    if isinstance(template, _Ref):
+        return [template.index]
+    if isinstance(template, list):
+        return [i for item in template for i in _refs_in(item)]
+    if isinstance(template, dict):
+        return [i for item in template.values() for i in _refs_in(item)]
+    return []
 
 
 def _encode_literal(value: Any) -> Any:
     if isinstance(value, _Ref):
         return {"ref": value.index}
+    if isinstance(value, _Rng):
+        return {"rng": value.index}
     if isinstance(value, list):
         return [_encode_literal(item) for item in value]
     if isinstance(value, dict):
@@ -298,6 +448,152 @@ def _encode_literal(value: Any) -> Any:
     return value
 
 
+def _plan_releases(plan: Plan) -> None:
+    last_use: dict[int, int] = {}
+    for position, op in enumerate(plan.ops):
+        for index in _refs_in(op.args) + _refs_in(op.kwargs):
+            last_use[index] = position
+        flat_args = all(
+            type(a) is _Ref or not isinstance(a, (list, dict, _Rng)) for a in op.args
+        )
+        op.is_flat = flat_args and not _has_refs(op.kwargs)
+    # Inputs belong to the caller and constants to the plan: dropping them
+    # would free nothing.
+    held = len(plan.inputs) + len(plan.constants)
+    kept = set(plan.outputs)
+    releases: dict[int, list[int]] = {}
+    for index, position in last_use.items():
+        if index >= held and index not in kept:
+            releases.setdefault(position, []).append(index)
+    for position, op in enumerate(plan.ops):
+        op.release = tuple(sorted(releases.get(position, ())))
+
+
+# ---------------------------------------------------------------- limits
+
+
+def _dry_run(plan: Plan, limit: int) -> MemoryProfile:
+    """Run every op on meta tensors, counting the bytes of live storage.
+
+    Views share their base's storage and are not counted again; a storage
+    is freed when the last value that reads it has had its last reader,
+    which is what the interpreter does.
+    """
+    values: list[Any] = [
+        torch.empty(spec.shape, dtype=spec.dtype, device=_META) for spec in plan.inputs
+    ]
+    values += [torch.empty_like(t, device=_META) for _, t in plan.constants]
+    owners: dict[int, int] = {}
+    sizes: dict[int, int] = {}
+
+    def hold(tensor: torch.Tensor | None) -> int:
+        if tensor is None:
+            return 0
+        storage = tensor.untyped_storage()
+        key = storage._cdata
+        owners[key] = owners.get(key, 0) + 1
+        if owners[key] > 1:
+            return 0
+        sizes[key] = storage.nbytes()
+        return sizes[key]
+
+    def drop(tensor: torch.Tensor | None) -> int:
+        if tensor is None:
+            return 0
+        key = tensor.untyped_storage()._cdata
+        owners[key] -= 1
+        if owners[key]:
+            return 0
+        del owners[key]
+        return sizes.pop(key)
+
+    live = sum(hold(t) for t in values)
+    resident = live
+    specs: list[Any] = [_spec(t) for t in values]
+    if live > limit:
+        raise PlanError(
+            f"plan {plan.name!r} needs {_size(live)} for its inputs and "
+            f"constants alone; the limit is {_size(limit)}"
+        )
+    peak, peak_op = live, None
+    profile: list[OpMemory] = []
+    for position, op in enumerate(plan.ops):
+        outputs = _meta_call(plan, op, position, values)
+        new_bytes = sum(hold(t) for t in outputs)
+        live += new_bytes
+        if live > limit:
+            shapes = ", ".join(describe(t) for t in outputs if t is not None)
+            raise OpError(
+                f"op {position} ({op.name}) of plan {plan.name!r} would hold "
+                f"{_size(live)} at once (it makes {shapes}); the limit is "
+                f"{_size(limit)}",
+                op.name,
+            )
+        if live > peak:
+            peak, peak_op = live, position
+        profile.append(
+            OpMemory(
+                tuple(_spec(t) for t in outputs if t is not None),
+                new_bytes,
+                live,
+            )
+        )
+        values.extend(outputs)
+        specs.extend(None if t is None else _spec(t) for t in outputs)
+        for index in op.release:
+            live -= drop(values[index])
+            values[index] = None
+    outputs_spec = tuple(specs[i] for i in plan.outputs)
+    if any(spec is None for spec in outputs_spec):
+        raise PlanError(f"plan {plan.name!r} returns a value that is not a tensor")
+    return MemoryProfile(resident, peak, peak_op, tuple(profile), outputs_spec)
+
+
+def _meta_call(
+    plan: Plan, op: _Op, position: int, values: list[Any]
+) -> list[torch.Tensor | None]:
+    args = _resolve(op.args, values, {})
+    kwargs = _resolve(op.kwargs, values, {})
+    # Factory ops would otherwise allocate on the CPU for real.
+    if any(a.name == "device" for a in ALLOWED_OPS[op.name]._schema.arguments):
+        kwargs["device"] = _META
+    try:
+        result = ALLOWED_OPS[op.name](*args, **kwargs)
+    except Exception as exc:
+        # Any failure here is the document's: the op cannot run on the
+        # shapes and arguments the plan gives it.
+        raise OpError(
+            f"op {position} ({op.name}) of plan {plan.name!r} cannot run on "
+            f"the values it is given: {_first_line(exc)}",
+            op.name,
+        ) from exc
+    outputs = [result] if op.n == 1 and not op.has_list_output else list(result)
+    _check_count(outputs, op, position)
+    for tensor in outputs:
+        # An op may leave an optional output undefined (a gradient that
+        # was not asked for); it is None when the plan runs, too.
+        is_meta = isinstance(tensor, torch.Tensor) and tensor.device == _META
+        if tensor is not None and not is_meta:
+            raise PlanError(
+                f"op {position} ({op.name}) of plan {plan.name!r} does not "
+                "return tensors"
+            )
+    return outputs
+
+
+def _spec(tensor: torch.Tensor) -> tuple[str, tuple[int, ...]]:
+    return DTYPE_NAMES.get(tensor.dtype, str(tensor.dtype)), tuple(tensor.shape)
+
+
+def _size(nbytes: int) -> str:
+    return f"{nbytes} bytes ({nbytes / 2**20:.1f} MiB)"
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
+
+
 # ---------------------------------------------------------------- loading
 
 
@@ -306,7 +602,7 @@ def _require(condition: bool, message: str) -> None:
         raise PlanError(message)
 
 
-def _load_document(document: Any) -> Plan:
+def _load_document(document: Any, max_memory_bytes: int) -> Plan:
     _require(isinstance(document, dict), "a plan document must be a map")
     _require(
         document.get("format") == PLAN_FORMAT,
@@ -332,7 +628,7 @@ def _load_document(document: Any) -> Plan:
     )
     ops = []
     for position, raw in enumerate(raw_ops):
-        op = _load_op(raw, position, defined)
+        op = _load_op(raw, position, defined, inputs)
         ops.append(op)
         defined += op.n
 
@@ -343,7 +639,15 @@ def _load_document(document: Any) -> Plan:
         ref = _load_arg(raw, defined, "outputs", depth=0)
         _require(isinstance(ref, _Ref), f"outputs must be references; got {raw!r:.60}")
         outputs.append(ref.index)
-    return Plan(name, inputs, signature, constants, ops, outputs)
+    return Plan(
+        name,
+        inputs,
+        signature,
+        constants,
+        ops,
+        outputs,
+        max_memory_bytes=max_memory_bytes,
+    )
 
 
 def _load_inputs(raw: Any) -> list[InputSpec]:
@@ -410,7 +714,7 @@ def _load_constants(raw: Any) -> list[tuple[str, torch.Tensor]]:
     return constants
 
 
-def _load_op(raw: Any, position: int, defined: int) -> _Op:
+def _load_op(raw: Any, position: int, defined: int, inputs: list[InputSpec]) -> _Op:
     where = f"op {position}"
     _require(isinstance(raw, dict), f"{where} must be a map")
     name = raw.get("op")
@@ -449,14 +753,50 @@ def _load_op(raw: Any, position: int, defined: int) -> _Op:
         len(args) <= len(fn._schema.arguments),
         f"{where} ({name}) takes at most {len(fn._schema.arguments)} arguments",
     )
-    return _Op(
+    op = _Op(
         name,
-        fn,
+        IMPLEMENTATIONS[name],
         [_load_arg(arg, defined, where, depth=1) for arg in args],
         {key: _load_arg(arg, defined, where, depth=1) for key, arg in kwargs.items()},
         n,
         has_list_output,
     )
+    _check_rng(op, where, inputs)
+    return op
+
+
+def _check_rng(op: _Op, where: str, inputs: list[InputSpec]) -> None:
+    """Random ops must draw from the plan's generator; no other op may name it."""
+    generator = op.kwargs.get("generator")
+    if op.name not in RANDOM_OPS:
+        _require(
+            not any(isinstance(a, _Rng) for a in _flatten(op.args, op.kwargs)),
+            f"{where} ({op.name}) draws no random numbers but is given a generator",
+        )
+        return
+    _require(
+        isinstance(generator, _Rng),
+        f'{where} ({op.name}) draws random numbers: its "generator" argument '
+        'must be {"rng": <index of the seed input>}',
+    )
+    assert isinstance(generator, _Rng)
+    seed = inputs[generator.index] if generator.index < len(inputs) else None
+    _require(
+        seed is not None and seed.dtype == torch.int64 and seed.shape == (),
+        f"{where} ({op.name}): a generator must be seeded from a 0-d int64 "
+        f"input; value {generator.index} is not one",
+    )
+    _require(
+        not any(isinstance(a, _Rng) for a in _flatten(op.args, {})),
+        f'{where} ({op.name}): a generator may only be the "generator" argument',
+    )
+
+
+def _flatten(args: list[Any], kwargs: dict[str, Any]) -> list[Any]:
+    flat: list[Any] = []
+    for item in [*args, *kwargs.values()]:
+        flat.extend(_flatten(item, {}) if isinstance(item, list) else [item])
+    return flat
 
 
 def _load_arg(raw: Any, defined: int, where: str, depth: int) -> Any:
@@ -471,13 +811,13 @@ def _load_arg(raw: Any, defined: int, where: str, depth: int) -> Any:
         f"got {type(raw).__name__}",
     )
     ((kind, value),) = raw.items()
-    if kind == "ref":
+    if kind in ("ref", "rng"):
         _require(
             type(value) is int and 0 <= value < defined,
             f"{where} refers to value {value!r:.20}, which is not defined yet "
             f"(values 0 to {defined - 1} are)",
         )
-        return _Ref(value)
+        return _Ref(value) if kind == "ref" else _Rng(value)
     tables: dict[str, dict[str, Any]] = {
         "dtype": DTYPES_BY_NAME,
         "device": _DEVICES,
@@ -495,257 +835,8 @@ def _load_arg(raw: Any, defined: int, where: str, depth: int) -> Any:
     return table[value]
 
 
-# ---------------------------------------------------------------- tracing
+def make_plan(fn: Callable[..., Any] | None = None, **options: Any) -> Any:
+    """Trace a torch function into a :class:`Plan`; see :mod:`plan_runtime.trace`."""
+    from plan_runtime.trace import make_plan as make
 
-
-def make_plan(fn: Callable[..., Any] | None = None, *, name: str | None = None) -> Any:
-    """Trace a torch function into a :class:`Plan`, once, at decoration time.
-
-    Every parameter of ``fn`` needs a default that fixes its dtype and shape:
-    a tensor, a list or tuple of tensors, or a Python number (which becomes
-    a 0-d tensor). The function must return a tensor or a tuple/list of
-    tensors (nested lists are flattened). Autograd inside the function
-    (``loss.backward()``, ``torch.autograd.grad``) is recorded as explicit
-    backward operations.
-
-    Usable as ``@make_plan`` or ``@make_plan(name="training_plan")``.
-
-    Raises:
-        PlanError: a parameter lacks a usable default, the function depends
-            on tensor values for control flow, or it uses an operation that
-            is not on the allow-list; the message names the op or the line.
-    """
-    if fn is None:
-        return functools.partial(make_plan, name=name)
-    return trace(fn, name=name or fn.__name__)
-
-
-def _defaults(fn: Callable[..., Any]) -> list[tuple[str, Any]]:
-    parameters = inspect.signature(fn).parameters.values()
-    defaults = []
-    for parameter in parameters:
-        if parameter.default is inspect.Parameter.empty:
-            raise PlanError(
-                f"parameter {parameter.name!r} of {fn.__name__} needs a default "
-                "(a tensor, a list of tensors or a number) that fixes its shape"
-            )
-        defaults.append((parameter.name, parameter.default))
-    return defaults
-
-
-def _as_tensor(name: str, value: Any) -> torch.Tensor:
-    if isinstance(value, torch.Tensor):
-        return value.detach().clone()
-    if isinstance(value, (bool, int, float)):
-        return torch.tensor(value)
-    raise PlanError(
-        f"default of {name!r} must be a tensor, a list of tensors or a number; "
-        f"got {type(value).__name__}"
-    )
-
-
-def trace(
-    fn: Callable[..., Any],
-    *,
-    name: str,
-    example_args: Sequence[Any] | None = None,
-) -> Plan:
-    """Trace ``fn`` on ``example_args`` (or its defaults) into a plan."""
-    from torch.func import functionalize
-    from torch.fx.experimental.proxy_tensor import make_fx
-
-    if example_args is None:
-        named = _defaults(fn)
-    else:
-        names = list(inspect.signature(fn).parameters)
-        named = list(zip(names, example_args))
-    signature: list[tuple[str, int | None]] = []
-    inputs: list[InputSpec] = []
-    dummy: list[torch.Tensor] = []
-    for arg_name, value in named:
-        if isinstance(value, (list, tuple)):
-            signature.append((arg_name, len(value)))
-            items = [(f"{arg_name}.{i}", v) for i, v in enumerate(value)]
-        else:
-            signature.append((arg_name, None))
-            items = [(arg_name, value)]
-        for item_name, item in items:
-            tensor = _as_tensor(item_name, item)
-            if tensor.dtype not in DTYPE_NAMES:
-                raise PlanError(f"{item_name!r} has unsupported dtype {tensor.dtype}")
-            inputs.append(InputSpec(item_name, tensor.dtype, tuple(tensor.shape)))
-            dummy.append(tensor)
-
-    def flat_fn(*flat: torch.Tensor) -> list[torch.Tensor]:
-        args: list[Any] = []
-        position = 0
-        for _, size in signature:
-            if size is None:
-                args.append(flat[position])
-                position += 1
-            else:
-                args.append(list(flat[position : position + size]))
-                position += size
-        return _flatten_outputs(fn(*args))
-
-    try:
-        graph = make_fx(flat_fn)(*[t.clone() for t in dummy])
-        # A second pass turns in-place updates (p.sub_(...), .grad
-        # accumulation) into pure operations; writes back into the inputs
-        # are then dropped, because a plan returns new values instead.
-        graph = make_fx(functionalize(graph, remove="mutations"))(
-            *[t.clone() for t in dummy]
-        )
-    except PlanError:
-        raise
-    except Exception as exc:
-        raise PlanError(
-            f"cannot trace {fn.__name__}{_user_line(exc, fn)}: {_first_line(exc)}"
-        ) from exc
-    return _from_graph(name, graph, inputs, signature, fn)
-
-
-def _flatten_outputs(result: Any) -> list[torch.Tensor]:
-    if isinstance(result, torch.Tensor):
-        return [result]
-    if isinstance(result, (list, tuple)):
-        flat: list[torch.Tensor] = []
-        for item in result:
-            flat.extend(_flatten_outputs(item))
-        return flat
-    raise PlanError(
-        f"a plan must return tensors (or lists of them); got {type(result).__name__}"
-    )
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__
-
-
-def _user_line(exc: BaseException, fn: Callable[..., Any]) -> str:
-    filename = getattr(getattr(fn, "__code__", None), "co_filename", None)
-    for frame in reversed(traceback.extract_tb(exc.__traceback__)):
-        if frame.filename == filename:
-            return f" (line {frame.lineno}: {(frame.line or '').strip()})"
-    return ""
-
-
-def _node_origin(node: Any, fn: Callable[..., Any]) -> str:
-    trace_text = node.meta.get("stack_trace") or ""
-    filename = getattr(getattr(fn, "__code__", None), "co_filename", None)
-    lines = trace_text.strip().splitlines()
-    for i, line in enumerate(lines):
-        if filename and filename in line and i + 1 < len(lines):
-            return f" (at {line.strip()}: {lines[i + 1].strip()})"
-    return ""
-
-
-def _from_graph(
-    name: str,
-    graph: Any,
-    inputs: list[InputSpec],
-    signature: list[tuple[str, int | None]],
-    fn: Callable[..., Any],
-) -> Plan:
-    _drop_input_writes(graph)
-
-    values: dict[Any, Any] = {}
-    constants: list[tuple[str, torch.Tensor]] = []
-    ops: list[_Op] = []
-    placeholders = [n for n in graph.graph.nodes if n.op == "placeholder"]
-    for index, node in enumerate(placeholders):
-        values[node] = index
-    attributes = [n for n in graph.graph.nodes if n.op == "get_attr"]
-    for node in attributes:
-        tensor = getattr(graph, node.target)
-        values[node] = len(inputs) + len(constants)
-        constants.append((f"c{len(constants)}", tensor.detach().clone()))
-    defined = len(inputs) + len(constants)
-
-    outputs: list[int] = []
-    for node in graph.graph.nodes:
-        if node.op == "call_function":
-            defined = _add_op(node, values, ops, defined, fn)
-        elif node.op == "output":
-            for item in _flatten_nodes(node.args[0]):
-                ref = _encode_arg(item, values)
-                if not isinstance(ref, _Ref):
-                    raise PlanError(f"output {item!r} of {fn.__name__} is not a tensor")
-                outputs.append(ref.index)
-    return Plan(name, inputs, signature, constants, ops, outputs)
-
-
-def _drop_input_writes(graph: Any) -> None:
-    for node in list(graph.graph.nodes):
-        is_write = node.op == "call_function" and node.target in (
-            torch.ops.aten.copy_.default,
-        )
-        if is_write and node.args[0].op == "placeholder" and not node.users:
-            graph.graph.erase_node(node)
-    graph.graph.eliminate_dead_code()
-
-
-def _flatten_nodes(value: Any) -> list[Any]:
-    if isinstance(value, (list, tuple)):
-        return [leaf for item in value for leaf in _flatten_nodes(item)]
-    return [value]
-
-
-def _add_op(
-    node: Any, values: dict[Any, Any], ops: list[_Op], defined: int, fn: Any
-) -> int:
-    target = node.target
-    if target is operator.getitem:
-        source, index = node.args
-        values[node] = values[source][index]
-        return defined
-
-    op_name = target.name() if hasattr(target, "name") else repr(target)
-    if op_name in IDENTITY_OPS:
-        values[node] = values[node.args[0]]
-        return defined
-    if op_name not in ALLOWED_OPS:
-        raise PlanError(
-            f"{fn.__name__} uses {op_name}{_node_origin(node, fn)}, which is not "
-            "an allowed plan operation; express it with allowed tensor maths"
-        )
-
-    example = node.meta.get("val")
-    returns = target._schema.returns
-    has_list_output = len(returns) == 1 and str(returns[0].type) == "List[Tensor]"
-    if has_list_output or len(returns) > 1:
-        count = len(example) if example is not None else len(returns)
-        values[node] = list(range(defined, defined + count))
-    else:
-        count = len(returns)
-        values[node] = defined
-
-    ops.append(
-        _Op(
-            op_name,
-            ALLOWED_OPS[op_name],
-            [_encode_arg(arg, values) for arg in node.args],
-            {key: _encode_arg(arg, values) for key, arg in node.kwargs.items()},
-            count,
-            has_list_output,
-        )
-    )
-    return defined + count
-
-
-def _encode_arg(arg: Any, values: dict[Any, Any]) -> Any:
-    if hasattr(arg, "op") and hasattr(arg, "users"):
-        index = values[arg]
-        if isinstance(index, list):
-            return [_Ref(i) for i in index]
-        return _Ref(index)
-    if isinstance(arg, (list, tuple)):
-        return [_encode_arg(item, values) for item in arg]
-    if isinstance(arg, (torch.dtype, torch.device, torch.layout, torch.memory_format)):
-        if isinstance(arg, torch.device) and arg.type != "cpu":
-            raise PlanError(f"plans run on the CPU; the function used device {arg}")
-        return arg
-    if arg is None or isinstance(arg, (bool, int, float, str)):
-        return arg
-    raise PlanError(f"cannot record argument {arg!r:.60} of type {type(arg).__name__}")
+    return make(fn, **options)

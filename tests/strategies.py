@@ -109,3 +109,62 @@ route_fields = st.sampled_from(
 )
 
 messages = st.dictionaries(route_fields, cbor_values, max_size=8)
+
+
+# Model shapes for the plan-versus-eager tests: small enough that tracing an
+# example takes a fraction of a second, and reaching the 1-sized dimensions
+# where broadcasting and squeezing go wrong.
+mlp_shapes = st.fixed_dictionaries(
+    {
+        "inputs": st.integers(1, 12),
+        "hidden": st.integers(1, 16),
+        "classes": st.integers(2, 6),
+        "batch": st.integers(1, 9),
+        "seed": st.integers(0, 1000),
+    }
+)
+
+# Even image sizes only: a 2x2 max-pool then halves them exactly, which the
+# linear layer's input size assumes.
+cnn_shapes = st.fixed_dictionaries(
+    {
+        "channels": st.integers(1, 4),
+        "size": st.sampled_from([4, 6, 8]),
+        "batch": st.integers(1, 4),
+        "seed": st.integers(0, 1000),
+    }
+)
+
+
+# Non-empty tensors only: a model tensor with no elements has no coordinates
+# to average (empty tensors have their own codec test).
+shapes_nonempty = st.lists(st.integers(1, 4), min_size=0, max_size=3).map(tuple)
+
+
+@st.composite
+def cycles(draw: st.DrawFn) -> dict[str, object]:
+    """A model, the diffs of one cycle, and how a cycle plan reads them.
+
+    ``rows`` is at least the number of diffs, as the server requires of a
+    cycle plan; ``stack_bytes`` goes down to one block, so that the diffs
+    are read in many passes.
+    """
+    shapes = draw(st.lists(shapes_nonempty, min_size=1, max_size=3))
+    count = draw(st.integers(1, 5))
+    seed = draw(st.integers(0, 2**31 - 1))
+    generator = torch.Generator().manual_seed(seed)
+    base = {f"t{i}": torch.randn(s, generator=generator) for i, s in enumerate(shapes)}
+    diffs = [
+        {name: torch.randn(t.shape, generator=generator) for name, t in base.items()}
+        for _ in range(count)
+    ]
+    rows = draw(st.integers(count, count + 2))
+    chunk = draw(st.integers(1, 6))
+    blocks = draw(st.integers(1, 4))
+    return {
+        "base": base,
+        "diffs": diffs,
+        "rows": rows,
+        "chunk": chunk,
+        "stack_bytes": blocks * rows * chunk * 4,
+    }
