@@ -9,6 +9,7 @@ Run it::
 
     python nimble_edge.py serve --db edge.sqlite --port 7000
     python nimble_edge.py demo        # the whole loop on real data
+    python nimble_edge.py check-plan training_plan.cbor
 
 Routes (bodies are CBOR; control messages may also be JSON)::
 
@@ -64,7 +65,15 @@ from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
+from plan_runtime.aggregation import (  # Accumulator: importable from here too
+    Accumulator,  # noqa: F401
+    AggregationError,
+    AveragingPlan,
+    load_averaging_plan,
+    make_aggregator,
+)
 from plan_runtime.http import ServerError
+from plan_runtime.mobile import MOBILE_FORMS
 from plan_runtime.plan import Plan, PlanError
 from plan_runtime.state import (
     StateError,
@@ -139,6 +148,7 @@ class Settings:
     max_open_assignments: int = 10_000
     keep_diffs: bool = False
     clock_interval_s: float = 30.0
+    max_plan_memory_bytes: int = 1024 * MIB
 
 
 # ============================================================ errors
@@ -630,8 +640,10 @@ class Queries:
         )
 
     async def plan_ids(self, process_id: int) -> dict[str, int]:
+        """The portable plans' ids; mobile forms (``name:ts``) share them."""
         rows = await self._all(
-            "SELECT id, name FROM plans WHERE process_id = ? ORDER BY id",
+            "SELECT id, name FROM plans WHERE process_id = ? AND instr(name, ':') = 0 "
+            "ORDER BY id",
             (process_id,),
         )
         return {row["name"]: row["id"] for row in rows}
@@ -643,12 +655,29 @@ class Queries:
         )
         return {row["name"]: row["id"] for row in rows}
 
-    async def plan(self, plan_id: int, process_id: int) -> bytes | None:
+    async def plan(
+        self, plan_id: int, process_id: int, suffix: str = ""
+    ) -> bytes | None:
+        """A portable plan by id, or its form named ``<name><suffix>``."""
         row = await self._one(
-            "SELECT value FROM plans WHERE id = ? AND process_id = ?",
-            (plan_id, process_id),
+            "SELECT f.value FROM plans p JOIN plans f "
+            "ON f.process_id = p.process_id AND f.name = p.name || ? "
+            "WHERE p.id = ? AND p.process_id = ? AND instr(p.name, ':') = 0",
+            (suffix, plan_id, process_id),
         )
         return None if row is None else bytes(row["value"])
+
+    async def set_averaging_plan(self, process_id: int, value: bytes) -> None:
+        await self._run(
+            "UPDATE processes SET averaging_plan = ? WHERE id = ?", (value, process_id)
+        )
+
+    async def averaging_plan(self, process_id: int) -> bytes | None:
+        row = await self._one(
+            "SELECT averaging_plan FROM processes WHERE id = ?", (process_id,)
+        )
+        value = None if row is None else row["averaging_plan"]
+        return None if value is None else bytes(value)
 
     # ------------------------------------------------------------ checkpoints
 
@@ -716,6 +745,24 @@ class Queries:
             "UPDATE cycles SET closed_at = ?, diffs_averaged = ? WHERE id = ?",
             (now, diffs, cycle_id),
         )
+
+    async def set_averaging_error(self, cycle_id: int, error: str) -> None:
+        await self._run(
+            "UPDATE cycles SET averaging_error = ? WHERE id = ?", (error, cycle_id)
+        )
+
+    async def averaging_errors(self) -> dict[int, dict[str, Any]]:
+        """``{process_id: {"cycle", "error"}}`` where the last closed cycle failed."""
+        rows = await self._all(
+            "SELECT c.process_id, c.number, c.averaging_error FROM cycles c "
+            "WHERE c.averaging_error IS NOT NULL AND c.number = ("
+            "SELECT max(number) FROM cycles l "
+            "WHERE l.process_id = c.process_id AND l.closed_at IS NOT NULL)"
+        )
+        return {
+            row["process_id"]: {"cycle": row["number"], "error": row["averaging_error"]}
+            for row in rows
+        }
 
     async def set_deadline(self, cycle_id: int, deadline_at: float) -> None:
         await self._run(
@@ -1151,42 +1198,6 @@ def check_server_config(raw: Any) -> dict[str, Any]:
     return config
 
 
-class Accumulator:
-    """A running weighted sum of diffs, in float64 so many diffs lose nothing.
-
-    Memory is one float64 copy of the model however many diffs are added.
-    """
-
-    def __init__(self, base: Mapping[str, torch.Tensor]):
-        self.base = base
-        self.sums = {
-            name: torch.zeros(t.shape, dtype=torch.float64) for name, t in base.items()
-        }
-        self.weight = 0
-        self.count = 0
-
-    def add(self, diff: Mapping[str, torch.Tensor], weight: int) -> None:
-        for name, total in self.sums.items():
-            total.add_(diff[name].to(torch.float64), alpha=weight)
-        self.weight += weight
-        self.count += 1
-
-    def add_encoded(self, diff: bytes, weight: int) -> None:
-        """Decode a stored diff (without copying it) and add it."""
-        self.add(decode_state(diff, copy=False), weight)
-
-    def result(self) -> dict[str, torch.Tensor]:
-        """The next checkpoint: base minus the weighted mean of the diffs."""
-        assert self.weight > 0, "no diffs were added"
-        updated = {}
-        for name, tensor in self.base.items():
-            mean = self.sums[name] / self.weight
-            if not tensor.is_floating_point():
-                mean = mean.round()
-            updated[name] = (tensor.to(torch.float64) - mean).to(tensor.dtype)
-        return updated
-
-
 Spec = list[tuple[str, str, tuple[int, ...]]]
 
 
@@ -1243,21 +1254,72 @@ def check_model(data: bytes) -> dict[str, torch.Tensor]:
     return model
 
 
-def check_plan(name: str, data: bytes) -> None:
-    """Load a hosted plan through the safe loader; refuse it if it fails."""
-    if ":" in name:
-        # TODO: mobile plan forms (name:ts, name:pte) are not stored yet — a
-        # host asking for them is refused instead of served a wrong format.
-        raise bad_request(
-            f"plan {name!r:.60}: only portable plans are hosted so far",
-            "invalid_plan",
-        )
+# receive_operations_as values, and the plan name suffix each one serves.
+PLAN_FORMS = {"list": "", "torchscript": ":ts", "pte": ":pte"}
+# How each mobile form's files begin: TorchScript archives are zip files,
+# ExecuTorch programs carry a flatbuffer identifier at byte 4.
+_FORM_MAGIC = {"ts": (0, b"PK\x03\x04"), "pte": (4, b"ET")}
+
+
+def check_plan(name: str, data: bytes, max_memory_bytes: int) -> None:
+    """Load a hosted plan through the safe loader; refuse it if it fails.
+
+    A mobile form (``name:ts``, ``name:pte``) is kept as opaque bytes: the
+    server never loads or runs it, so only the kind of file is checked.
+    """
+    base, colon, form = name.partition(":")
+    if colon:
+        if form not in MOBILE_FORMS or not base:
+            raise bad_request(
+                f"plan {name!r:.60}: mobile forms are named <plan>:ts (TorchScript) "
+                "or <plan>:pte (ExecuTorch)",
+                "invalid_plan",
+            )
+        offset, magic = _FORM_MAGIC[form]
+        if data[offset : offset + len(magic)] != magic:
+            raise bad_request(
+                f"plan {name!r:.60} is not a {form} file (it does not start as one)",
+                "invalid_plan",
+            )
+        return
     try:
-        Plan.from_bytes(data)
+        Plan.from_bytes(data, max_memory_bytes=max_memory_bytes)
     except PlanError as exc:
         raise bad_request(
             f"plan {name!r:.60} is not a valid plan: {exc}", "invalid_plan"
         ) from exc
+
+
+def check_averaging_plan(
+    data: bytes,
+    model: Mapping[str, torch.Tensor],
+    server_config: dict[str, Any],
+    max_memory_bytes: int,
+) -> AveragingPlan:
+    """Load a hosted averaging plan and check it fits the model and config.
+
+    Raises:
+        ApiError: 400 when the plan does not load, fits neither averaging
+            form for this model, or (cycle form) takes fewer diffs than
+            ``max_diffs`` lets a cycle have.
+    """
+    try:
+        averaging = load_averaging_plan(
+            data, state_spec(model), max_memory_bytes=max_memory_bytes
+        )
+    except PlanError as exc:
+        raise bad_request(
+            f"averaging plan is not usable: {exc}", "invalid_plan"
+        ) from exc
+    rows = averaging.max_diffs
+    max_diffs = server_config["max_diffs"]
+    if rows is not None and (max_diffs is None or max_diffs > rows):
+        raise bad_request(
+            f'"max_diffs" must be at most {rows} with this averaging plan (its '
+            f"diffs input has {rows} rows); got {max_diffs!r}",
+            "invalid_config",
+        )
+    return averaging
 
 
 def check_metrics(raw: Any) -> dict[str, float]:
@@ -1373,14 +1435,7 @@ class Federation:
         model_bytes = bytes_field(body, "model")
         plans = field_of(body, "plans", dict, default={})
         protocols = field_of(body, "protocols", dict, default={})
-        if field_of(body, "averaging_plan", (bytes, str), default=None) is not None:
-            # TODO: hosted averaging plans are not run yet — refused until the
-            # server can execute them, so no process silently averages wrongly.
-            raise bad_request(
-                "server_averaging_plan is not supported yet; send null to use "
-                "the built-in weighted average",
-                "unsupported",
-            )
+        averaging_bytes = bytes_field(body, "averaging_plan", default=None)
 
         for kind, names in (("plans", plans), ("protocols", protocols)):
             for key in names:
@@ -1391,9 +1446,15 @@ class Federation:
                         "invalid_field",
                     )
         model = await asyncio.to_thread(check_model, model_bytes)
-        plan_blobs = {key: bytes_field(plans, key) for key in plans}
-        for plan_name, blob in plan_blobs.items():
-            await asyncio.to_thread(check_plan, plan_name, blob)
+        plan_blobs = await self._check_plans(plans)
+        if averaging_bytes is not None:
+            await asyncio.to_thread(
+                check_averaging_plan,
+                averaging_bytes,
+                model,
+                server_config,
+                self.settings.max_plan_memory_bytes,
+            )
         protocol_blobs = {key: bytes_field(protocols, key) for key in protocols}
 
         now = time.time()
@@ -1414,6 +1475,8 @@ class Federation:
             )
             for plan_name, blob in plan_blobs.items():
                 await queries.insert_plan(process_id, plan_name, blob)
+            if averaging_bytes is not None:
+                await queries.set_averaging_plan(process_id, averaging_bytes)
             for protocol_name, blob in protocol_blobs.items():
                 await queries.insert_protocol(process_id, protocol_name, blob)
             await queries.insert_checkpoint(process_id, 1, model_bytes, now)
@@ -1444,6 +1507,21 @@ class Federation:
             raise ApiError(
                 401, "unknown_worker", "worker_id is not known; authenticate first"
             )
+
+    async def _check_plans(self, plans: dict[str, Any]) -> dict[str, bytes]:
+        """Every plan through the safe loader; every mobile form beside its plan."""
+        blobs = {name: bytes_field(plans, name) for name in plans}
+        for name, blob in blobs.items():
+            limit = self.settings.max_plan_memory_bytes
+            await asyncio.to_thread(check_plan, name, blob, limit)
+            base = name.partition(":")[0]
+            if base not in blobs:
+                raise bad_request(
+                    f"plan {name!r:.60} is a form of plan {base!r:.60}, which is "
+                    "not in this upload; send the portable plan too",
+                    "invalid_plan",
+                )
+        return blobs
 
     def _warn_open(self, process: Process) -> None:
         if process.id not in self._warned_open:
@@ -1714,17 +1792,21 @@ class Federation:
         if assignment.cycle.closed_at is not None:
             raise self._closed(assignment.cycle)
         form = params.get("receive_operations_as", "list")
-        if form != "list":
+        if form not in PLAN_FORMS:
             raise not_found(
-                f"receive_operations_as={form!r:.40} is not hosted; this server "
-                "serves the portable plan: receive_operations_as=list",
+                f"receive_operations_as={form!r:.40} is not a plan form; ask for "
+                f"one of {', '.join(PLAN_FORMS)}",
                 "plan_not_found",
             )
         plan_id = number_param(params, "plan_id")
-        plan = await self.store.read.plan(plan_id, assignment.cycle.process_id)
+        plan = await self.store.read.plan(
+            plan_id, assignment.cycle.process_id, PLAN_FORMS[form]
+        )
         if plan is None:
             raise not_found(
-                f"plan {plan_id} is not a plan of this process", "plan_not_found"
+                f"plan {plan_id} is not a plan of this process hosted as "
+                f"receive_operations_as={form}",
+                "plan_not_found",
             )
         return plan
 
@@ -1829,24 +1911,23 @@ class Federation:
             process = await queries.process_by_id(cycle.process_id)
             base = await queries.checkpoint(process.id, cycle.checkpoint_number)
             assert base is not None, f"cycle {cycle.id} has no checkpoint"
-            accumulator = Accumulator(
-                await asyncio.to_thread(decode_state, base[1], copy=False)
-            )
-            if not discard:
-                async for diff, num_samples in queries.reports(cycle.id):
-                    await asyncio.to_thread(accumulator.add_encoded, diff, num_samples)
-                if accumulator.count == 0:
-                    return False
+            count = 0 if discard else await queries.report_count(cycle.id)
+            if count == 0 and not discard:
+                return False
+            new_state, error = None, None
+            if count:
+                new_state, error = await self._average(queries, process, cycle, base)
 
             now = time.time()
             checkpoint_number = cycle.checkpoint_number
-            if accumulator.count:
-                new_state = await asyncio.to_thread(accumulator.result)
+            if new_state is not None:
                 checkpoint_number += 1
                 await queries.insert_checkpoint(
                     process.id, checkpoint_number, encode_state(new_state), now
                 )
-            await queries.close_cycle(cycle.id, now, accumulator.count)
+            await queries.close_cycle(cycle.id, now, 0 if new_state is None else count)
+            if error is not None:
+                await queries.set_averaging_error(cycle.id, error)
             if not self.settings.keep_diffs:
                 await queries.drop_diffs(cycle.id)
             num_cycles = process.server_config["num_cycles"]
@@ -1863,7 +1944,14 @@ class Federation:
                 )
 
         self._clock_wakeup.set()
-        if discard:
+        if error is not None:
+            cycle_logger.warning(
+                "Cycle %d of %s closed without a new checkpoint: %s",
+                cycle.number,
+                process.label,
+                error,
+            )
+        elif discard:
             cycle_logger.info(
                 "Cycle %d of %s closed without a new checkpoint",
                 cycle.number,
@@ -1875,7 +1963,7 @@ class Federation:
                 "in %.2f s",
                 cycle.number,
                 process.label,
-                accumulator.count,
+                count,
                 checkpoint_number,
                 time.perf_counter() - started,
             )
@@ -1887,6 +1975,36 @@ class Federation:
                 num_cycles,
             )
         return True
+
+    async def _average(
+        self, queries: Queries, process: Process, cycle: Cycle, base: tuple[int, bytes]
+    ) -> tuple[dict[str, torch.Tensor] | None, str | None]:
+        """``(next checkpoint, None)``, or ``(None, why)`` if the averaging plan fails.
+
+        The diffs are read from the store as many times as the aggregator
+        asks (a cycle plan over a large model reads them in windows).
+        """
+        state = await asyncio.to_thread(decode_state, base[1], copy=False)
+        hosted = await queries.averaging_plan(process.id)
+        limit = self.settings.max_plan_memory_bytes
+        try:
+            averaging = None
+            if hosted is not None:
+                averaging = await asyncio.to_thread(
+                    load_averaging_plan,
+                    hosted,
+                    state_spec(state),
+                    max_memory_bytes=limit,
+                )
+            aggregator = make_aggregator(state, averaging)
+            for index in range(aggregator.passes):
+                aggregator.begin_pass(index)
+                async for diff, num_samples in queries.reports(cycle.id):
+                    await asyncio.to_thread(aggregator.add_encoded, diff, num_samples)
+                await asyncio.to_thread(aggregator.end_pass)
+            return await asyncio.to_thread(aggregator.result), None
+        except (AggregationError, PlanError) as exc:
+            return None, str(exc)
 
     async def close_due_cycles(self) -> float | None:
         """Close or extend every open cycle that is full or past its deadline.
@@ -1967,6 +2085,7 @@ class Federation:
         """
         now = time.time()
         processes = []
+        errors = await self.store.read.averaging_errors() if is_admin else {}
         for row in await self.store.read.status_rows():
             is_open = row["cycle"] is not None
             entry: dict[str, Any] = {
@@ -1986,6 +2105,7 @@ class Federation:
                     if is_open
                     else None,
                     server_config=public_server_config(config),
+                    averaging_error=errors.get(row["id"]),
                 )
             processes.append(entry)
         return {"version": __version__, "processes": processes}
@@ -2338,6 +2458,7 @@ def serve(args: argparse.Namespace) -> int:
         max_workers_per_process=args.max_workers_per_process,
         max_open_assignments=args.max_open_assignments,
         keep_diffs=args.keep_diffs,
+        max_plan_memory_bytes=int(args.max_plan_memory_mb * MIB),
     )
     # Open the store once before listening, so that a read-only or full disk
     # is one clear error line instead of a failed application start-up.
@@ -2588,6 +2709,25 @@ def token_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def check_plan_file(args: argparse.Namespace) -> int:
+    """Check a plan file as the admin client does before hosting it."""
+    from plan_runtime.check import check
+
+    data = Path(args.file).read_bytes()
+    limit = int(args.max_plan_memory_mb * MIB)
+    try:
+        report = check(data, max_memory_bytes=limit, steps=args.steps)
+    except PlanError as exc:
+        print(f"error: {args.file}: {exc}", file=sys.stderr)
+        return 1
+    print(report.format(ops=not args.no_ops))
+    if not report.is_ok:
+        failed = ", ".join(finding.name for finding in report.failures)
+        print(f"error: {args.file} failed: {failed}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def version(args: argparse.Namespace) -> int:
     import starlette
     import uvicorn
@@ -2640,6 +2780,17 @@ def positive(kind: Callable[[str], Any]) -> Callable[[str], Any]:
 
     parse.__name__ = kind.__name__
     return parse
+
+
+def add_plan_memory_flag(parser: argparse.ArgumentParser) -> None:
+    """The dry-run limit flag that `serve` and `check-plan` share."""
+    parser.add_argument(
+        "--max-plan-memory-mb",
+        type=float,
+        default=env_default("max-plan-memory-mb", 1024),
+        help="refuse a plan whose dry run holds more than this many MiB at once "
+        "(NIMBLE_EDGE_MAX_PLAN_MEMORY_MB)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -2713,6 +2864,7 @@ def build_parser() -> argparse.ArgumentParser:
         "a closed cycle's diffs are dropped to bound the file's size "
         "(NIMBLE_EDGE_KEEP_DIFFS=1)",
     )
+    add_plan_memory_flag(serve_parser)
     serve_parser.add_argument(
         "--log-level",
         default=argparse.SUPPRESS,
@@ -2768,6 +2920,27 @@ def build_parser() -> argparse.ArgumentParser:
         help="exit 1 below this final test accuracy (NIMBLE_EDGE_MIN_ACCURACY)",
     )
     demo_parser.set_defaults(handler=demo)
+
+    check_parser = commands.add_parser(
+        "check-plan",
+        help="dry-run, run and time a plan file; exit 1 if a check fails",
+        formatter_class=formatter,
+    )
+    check_parser.add_argument("file", help="a plan document (CBOR)")
+    add_plan_memory_flag(check_parser)
+    check_parser.add_argument(
+        "--steps",
+        type=int,
+        default=env_default("steps", 20),
+        help="timed steps; 0 skips timing (NIMBLE_EDGE_STEPS)",
+    )
+    check_parser.add_argument(
+        "--no-ops",
+        action="store_true",
+        default=env_default("no-ops", "") not in ("", "0"),
+        help="leave out the list of ops (NIMBLE_EDGE_NO_OPS)",
+    )
+    check_parser.set_defaults(handler=check_plan_file)
 
     version_parser = commands.add_parser(
         "version", help="print versions for a bug report", formatter_class=formatter

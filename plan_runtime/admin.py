@@ -8,7 +8,9 @@ from typing import Any
 
 import torch
 
+from plan_runtime.check import check
 from plan_runtime.http import Connection
+from plan_runtime.mobile import MOBILE_FORMS, to_executorch, to_torchscript
 from plan_runtime.plan import Plan
 from plan_runtime.state import decode_state, encode_state
 
@@ -31,6 +33,48 @@ def _plan_bytes(name: str, plan: Plan | bytes) -> bytes:
     if isinstance(plan, (bytes, bytearray)):
         return bytes(plan)
     raise TypeError(f"plan {name!r} must be a Plan or bytes; got {type(plan).__name__}")
+
+
+def _checked(name: str, plan: Plan | bytes) -> Plan:
+    """The plan, loaded if need be, after it passed :func:`check`."""
+    if not isinstance(plan, (Plan, bytes, bytearray)):
+        raise TypeError(
+            f"plan {name!r} must be a Plan or bytes; got {type(plan).__name__}"
+        )
+    report = check(plan, steps=0)
+    report.raise_for_failure()
+    return report.plan
+
+
+def prepare_plans(
+    client_plans: Mapping[str, Plan | bytes], mobile_forms: Sequence[str] = ()
+) -> dict[str, bytes]:
+    """Check every plan and add its mobile forms: what host-training uploads.
+
+    Plans named ``name:form`` are taken as given (a form made elsewhere).
+
+    Raises:
+        PlanError: a plan failed :func:`~plan_runtime.check.check`.
+        MobileFormError: a mobile form cannot be made here.
+        ValueError: ``mobile_forms`` names a form other than ``ts``, ``pte``.
+    """
+    unknown = sorted(set(mobile_forms) - set(MOBILE_FORMS))
+    if unknown:
+        raise ValueError(
+            f"mobile form {unknown[0]!r} is not known; expected one of "
+            f"{', '.join(MOBILE_FORMS)}"
+        )
+    converters = {"ts": to_torchscript, "pte": to_executorch}
+    blobs: dict[str, bytes] = {}
+    for name, plan in client_plans.items():
+        if ":" in name:
+            blobs[name] = _plan_bytes(name, plan)
+            continue
+        checked = _checked(name, plan)
+        blobs[name] = checked.to_bytes()
+        for form in mobile_forms:
+            blobs[f"{name}:{form}"] = converters[form](checked)
+    return blobs
 
 
 class ModelCentricFLClient:
@@ -95,26 +139,36 @@ class ModelCentricFLClient:
         client_config: Mapping[str, Any] | None = None,
         server_averaging_plan: Plan | bytes | None = None,
         server_config: Mapping[str, Any] | None = None,
+        *,
+        mobile_forms: Sequence[str] = (),
     ) -> dict[str, Any]:
         """Host a process: its model, plans and configs; opens cycle 1.
 
         The parameters keep the order of the PySyft-era client.
         ``client_config`` must hold the process's ``name`` and ``version``;
-        it is handed to every admitted worker as is.
+        it is handed to every admitted worker as is. Every plan, the
+        averaging plan included, must pass :func:`plan_runtime.check` here
+        before anything is sent. ``mobile_forms=("ts", "pte")`` also uploads
+        each client plan as TorchScript (``name:ts``) and ExecuTorch
+        (``name:pte``), served to workers that ask for
+        ``receive_operations_as=torchscript`` or ``pte``.
 
         Raises:
             TypeError: ``client_config`` or ``server_config`` is missing.
+            PlanError: a plan failed its check; nothing was sent.
+            MobileFormError: a mobile form cannot be made here.
             ServerError: the server refused the process (see ``code``).
         """
         if client_config is None or server_config is None:
             raise TypeError("client_config and server_config are required")
+        averaging = None
+        if server_averaging_plan is not None:
+            averaging = _checked("averaging_plan", server_averaging_plan).to_bytes()
         body = {
             "model": encode_state(_model_state(model)),
-            "plans": {name: _plan_bytes(name, p) for name, p in client_plans.items()},
+            "plans": prepare_plans(client_plans, mobile_forms),
             "protocols": dict(client_protocols or {}),
-            "averaging_plan": None
-            if server_averaging_plan is None
-            else _plan_bytes("averaging_plan", server_averaging_plan),
+            "averaging_plan": averaging,
             "client_config": dict(client_config),
             "server_config": dict(server_config),
         }

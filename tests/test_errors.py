@@ -184,7 +184,7 @@ def test_admin_errors(server, plan):
     assert_envelope(host(server_config={"cycle_length": -5}), 400, "invalid_config")
     assert_envelope(host(model=b"junk"), 400, "invalid_model")
     assert_envelope(host(plans={"training_plan": b"junk"}), 400, "invalid_plan")
-    assert_envelope(host(averaging_plan=plan.to_bytes()), 400, "unsupported")
+    assert_envelope(host(averaging_plan=plan.to_bytes()), 400, "invalid_plan")
     assert_envelope(host(client_config={"name": "err"}), 400, "missing_field")
     assert_envelope(
         httpx.get(f"{api}/retrieve-model", params={"name": "nope"}, headers=admin),
