@@ -2782,15 +2782,28 @@ def positive(kind: Callable[[str], Any]) -> Callable[[str], Any]:
     return parse
 
 
-def add_plan_memory_flag(parser: argparse.ArgumentParser) -> None:
-    """The dry-run limit flag that `serve` and `check-plan` share."""
-    parser.add_argument(
-        "--max-plan-memory-mb",
-        type=float,
-        default=env_default("max-plan-memory-mb", 1024),
-        help="refuse a plan whose dry run holds more than this many MiB at once "
-        "(NIMBLE_EDGE_MAX_PLAN_MEMORY_MB)",
-    )
+Flag = tuple[str, Callable[[str], Any], Any, str]
+
+# Shared by serve and check-plan, so that a file passes the check exactly
+# when the server would take it.
+PLAN_MEMORY_FLAG: Flag = (
+    "max-plan-memory-mb",
+    positive(float),
+    1024,
+    "refuse a plan whose dry run holds more than this many MiB at once",
+)
+
+
+def add_flags(parser: argparse.ArgumentParser, flags: list[Flag]) -> None:
+    """Add ``--flag`` options, each defaulting to its ``NIMBLE_EDGE_FLAG``."""
+    for flag, kind, default, text in flags:
+        variable = "NIMBLE_EDGE_" + flag.upper().replace("-", "_")
+        parser.add_argument(
+            f"--{flag}",
+            type=kind,
+            default=env_default(flag, default),
+            help=f"{text} ({variable})",
+        )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -2811,7 +2824,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve_parser = commands.add_parser(
         "serve", help="run the orchestrator", formatter_class=formatter
     )
-    serve_flags: list[tuple[str, Callable[[str], Any], Any, str]] = [
+    serve_flags: list[Flag] = [
         ("db", str, DEFAULT_DB, "SQLite file"),
         (
             "host",
@@ -2847,15 +2860,9 @@ def build_parser() -> argparse.ArgumentParser:
             1024,
             "concurrent connections; more are answered 503",
         ),
+        PLAN_MEMORY_FLAG,
     ]
-    for flag, kind, default, text in serve_flags:
-        variable = "NIMBLE_EDGE_" + flag.upper().replace("-", "_")
-        serve_parser.add_argument(
-            f"--{flag}",
-            type=kind,
-            default=env_default(flag, default),
-            help=f"{text} ({variable})",
-        )
+    add_flags(serve_parser, serve_flags)
     serve_parser.add_argument(
         "--keep-diffs",
         action="store_true",
@@ -2864,7 +2871,6 @@ def build_parser() -> argparse.ArgumentParser:
         "a closed cycle's diffs are dropped to bound the file's size "
         "(NIMBLE_EDGE_KEEP_DIFFS=1)",
     )
-    add_plan_memory_flag(serve_parser)
     serve_parser.add_argument(
         "--log-level",
         default=argparse.SUPPRESS,
@@ -2927,12 +2933,9 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=formatter,
     )
     check_parser.add_argument("file", help="a plan document (CBOR)")
-    add_plan_memory_flag(check_parser)
-    check_parser.add_argument(
-        "--steps",
-        type=int,
-        default=env_default("steps", 20),
-        help="timed steps; 0 skips timing (NIMBLE_EDGE_STEPS)",
+    add_flags(
+        check_parser,
+        [PLAN_MEMORY_FLAG, ("steps", int, 20, "timed steps; 0 skips timing")],
     )
     check_parser.add_argument(
         "--no-ops",

@@ -51,7 +51,7 @@ from plan_runtime.plan import (
 )
 from plan_runtime.state import DTYPE_NAMES
 
-__all__ = ["make_plan", "trace"]
+__all__ = ["make_plan", "sgd_step", "trace"]
 
 logger = logging.getLogger(__name__)
 
@@ -122,6 +122,36 @@ def make_plan(
     return trace(
         fn, name=name or fn.__name__, seed=seed, max_memory_bytes=max_memory_bytes
     )
+
+
+def sgd_step(
+    model: torch.nn.Module,
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = F.cross_entropy,
+) -> Callable[..., Any]:
+    """One SGD step of a classifier in the classic form, ready to trace.
+
+    The function takes ``(xs, ys, batch_size, lr, params)`` with ``params``
+    in ``model.parameters()`` order, and returns ``(loss, accuracy,
+    updated_params)``; accuracy compares the argmax of the model's output
+    with ``ys``. Trace it with :func:`trace` and example arguments.
+    """
+    names = [name for name, _ in model.named_parameters()]
+
+    def step(
+        xs: torch.Tensor,
+        ys: torch.Tensor,
+        batch_size: torch.Tensor,
+        lr: torch.Tensor,
+        params: list[torch.Tensor],
+    ) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+        params = [p.requires_grad_() for p in params]
+        logits = torch.func.functional_call(model, dict(zip(names, params)), (xs,))
+        loss = loss_fn(logits, ys)
+        grads = torch.autograd.grad(loss, params)
+        accuracy = (logits.argmax(1) == ys).float().mean()
+        return loss, accuracy, [p - lr * g for p, g in zip(params, grads)]
+
+    return step
 
 
 def _defaults(fn: Callable[..., Any]) -> list[tuple[str, Any]]:

@@ -5,28 +5,12 @@ from __future__ import annotations
 import cbor2
 import pytest
 import torch
-import torch.nn.functional as F
 from hypothesis import given, settings
-from torch.func import functional_call
 
 from plan_runtime.ops import ALLOWED_OPS, IMPLEMENTATIONS
 from plan_runtime.plan import Plan, PlanError
-from plan_runtime.trace import make_plan, trace
+from plan_runtime.trace import make_plan, sgd_step, trace
 from tests.strategies import cnn_shapes, mlp_shapes
-
-
-def mlp_step(model):
-    names = [name for name, _ in model.named_parameters()]
-
-    def step(xs, ys, batch_size, lr, params):
-        params = [p.requires_grad_() for p in params]
-        logits = functional_call(model, dict(zip(names, params)), (xs,))
-        loss = F.cross_entropy(logits, ys)
-        grads = torch.autograd.grad(loss, params)
-        accuracy = (logits.argmax(1) == ys).float().mean()
-        return loss, accuracy, [p - lr * g for p, g in zip(params, grads)]
-
-    return step
 
 
 def eager(step, *args):
@@ -47,7 +31,7 @@ def test_mlp_plan_matches_eager_torch(shape):
     )
     params = [p.detach().clone() for p in model.parameters()]
     xs, ys = torch.randn(batch, inputs), torch.randint(0, classes, (batch,))
-    step = mlp_step(model)
+    step = sgd_step(model)
     plan = trace(
         step,
         name="training_plan",
@@ -85,7 +69,7 @@ def test_small_cnn_plan_matches_eager_torch(shape):
     )
     params = [p.detach().clone() for p in model.parameters()]
     xs, ys = torch.randn(batch, 1, size, size), torch.randint(0, 3, (batch,))
-    step = mlp_step(model)
+    step = sgd_step(model)
     plan = trace(
         step,
         name="training_plan",
