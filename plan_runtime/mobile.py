@@ -18,8 +18,10 @@ without an allow-list, so a device that loads them trusts the admin who
 hosted the process.
 
 Each form takes the plan's flat inputs in order and returns its outputs as
-a tuple; a plan's random ops draw from a generator seeded from its seed
-input in both forms too.
+a tuple. In the TorchScript form a plan's random ops draw from a generator
+seeded from its seed input, as in the portable plan; TorchScript keeps that
+generator as one object per module, reseeded by each call, so calls of one
+module that draw random numbers must not overlap.
 """
 
 from __future__ import annotations

@@ -36,7 +36,6 @@ inputs alone, and concurrent calls do not share random state.
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -66,8 +65,6 @@ __all__ = [
     "PlanError",
     "make_plan",
 ]
-
-logger = logging.getLogger(__name__)
 
 PLAN_FORMAT = "nimble-edge/plan"
 PLAN_VERSION = 1

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from plan_runtime.http import Connection, ServerError
-from plan_runtime.plan import Plan
+from plan_runtime.plan import DEFAULT_MAX_MEMORY_BYTES, Plan
 from plan_runtime.state import decode_state, encode_state
 
 __all__ = ["Job", "ServerError", "Worker"]
@@ -48,6 +48,9 @@ class Worker:
         auth_token: the JWT the process's authentication expects, if any.
         secure: use HTTPS when ``address`` has no scheme.
         timeout_s: per-request timeout in seconds.
+        max_plan_memory_bytes: refuse a downloaded plan whose dry run holds
+            more than this at once (1 GiB by default); the job's ``on_error``
+            then gets the :class:`~plan_runtime.plan.PlanError`.
     """
 
     def __init__(
@@ -57,8 +60,10 @@ class Worker:
         *,
         secure: bool = False,
         timeout_s: float = 60.0,
+        max_plan_memory_bytes: int = DEFAULT_MAX_MEMORY_BYTES,
     ):
         self.auth_token = auth_token
+        self.max_plan_memory_bytes = max_plan_memory_bytes
         self.connection = Connection(address, secure=secure, timeout_s=timeout_s)
         self.speed_test_bytes = 1024 * 1024
         self._worker_ids: dict[tuple[str, str | None], str] = {}
@@ -226,7 +231,9 @@ class Job:
                 "/model-centric/get-plan",
                 params={**keys, "plan_id": plan_id, "receive_operations_as": "list"},
             )
-            plans[plan_name] = Plan.from_bytes(response.content)
+            plans[plan_name] = Plan.from_bytes(
+                response.content, max_memory_bytes=self.worker.max_plan_memory_bytes
+            )
 
         if self.on_ready is not None:
             model_copy = {name: t.clone() for name, t in self._checkpoint.items()}

@@ -208,3 +208,23 @@ def test_server_plan_memory_limit_comes_from_its_env_var(tmp_path, monkeypatch, 
         "(aten::add.Tensor)" in body["error"]
         and "the limit is 10485 bytes" in (body["error"])
     )
+
+
+def test_worker_refuses_a_plan_over_its_memory_limit_before_training(server, admin):
+    @make_plan
+    def chain(x=torch.zeros(1000)):
+        return (x * 2) + 1
+
+    name = new_name()
+    host(admin, chain, name)
+    worker = Worker(server.address, max_plan_memory_bytes=10_000)
+    errors, ready = [], []
+    job = worker.new_job(name, "1", on_ready=lambda *args: ready.append(args))
+    job.on_error = errors.append
+
+    job.start()
+
+    assert ready == []
+    assert "(aten::add.Tensor)" in str(errors[0]) and "the limit is 10000" in str(
+        errors[0]
+    )
