@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import io
 import uuid
 
@@ -228,3 +229,35 @@ def test_worker_refuses_a_plan_over_its_memory_limit_before_training(server, adm
     assert "(aten::add.Tensor)" in str(errors[0]) and "the limit is 10000" in str(
         errors[0]
     )
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("executorch") is None, reason="needs the [mobile] extra"
+)
+def test_executorch_form_is_served_by_receive_operations_as(server, admin, plan):
+    from executorch.runtime import Runtime
+
+    name = new_name()
+    host(admin, plan, name, mobile_forms=("pte",))
+    job = Worker(server.address).new_job(name, "1")
+    job.start()
+    answer = httpx.post(
+        f"{server.url}/model-centric/cycle-request",
+        json={"worker_id": job.worker_id, "model": name},
+    ).json()
+
+    response = httpx.get(
+        f"{server.url}/model-centric/get-plan",
+        params={
+            "worker_id": job.worker_id,
+            "request_key": answer["request_key"],
+            "plan_id": str(answer["plans"]["training_plan"]),
+            "receive_operations_as": "pte",
+        },
+    )
+    method = Runtime.get().load_program(response.content).load_method("forward")
+
+    args = [torch.randn(8, 4), torch.randint(0, 3, (8,)), torch.tensor(8)]
+    args += [torch.tensor(0.1), torch.randn(3, 4), torch.randn(3)]
+    for got, expected in zip(method.execute(args), plan(*args)):
+        assert torch.allclose(got, expected, atol=1e-5)
