@@ -26,6 +26,7 @@ import torch
 
 from plan_runtime.plan import DEFAULT_MAX_MEMORY_BYTES, Plan, PlanError
 from plan_runtime.state import DTYPE_NAMES
+from plan_runtime.trace import flatten_outputs, regroup
 
 __all__ = ["CheckReport", "check"]
 
@@ -169,7 +170,7 @@ def check(
             eager_fn = fn
 
             def eager_step() -> Any:
-                return eager_fn(*_regroup(loaded, _clones(random_args)))
+                return eager_fn(*regroup(loaded.signature, _clones(random_args)))
 
             report.eager_step_s = _time_step(eager_step, steps)
     return report
@@ -225,19 +226,6 @@ def _random_args(
 
 def _clones(args: list[torch.Tensor]) -> list[torch.Tensor]:
     return [arg.clone() for arg in args]
-
-
-def _regroup(plan: Plan, flat: list[torch.Tensor]) -> list[Any]:
-    grouped: list[Any] = []
-    position = 0
-    for _, size in plan.signature:
-        if size is None:
-            grouped.append(flat[position])
-            position += 1
-        else:
-            grouped.append(flat[position : position + size])
-            position += size
-    return grouped
 
 
 # ---------------------------------------------------------------- checks
@@ -304,8 +292,6 @@ def _compare_eager(
     atol: float,
     rtol: float,
 ) -> None:
-    from plan_runtime.trace import flatten_outputs
-
     name = f"eager ({label})"
     try:
         # Eager random ops use the global generator: seeded as the plan
@@ -313,7 +299,7 @@ def _compare_eager(
         with torch.random.fork_rng(devices=[]):
             if plan.seed_inputs:
                 torch.manual_seed(int(args[plan.seed_inputs[0]]))
-            expected = flatten_outputs(fn(*_regroup(plan, _clones(args))))
+            expected = flatten_outputs(fn(*regroup(plan.signature, _clones(args))))
     except Exception as exc:
         report.findings.append(Finding(name, False, f"the function failed: {exc}"))
         return

@@ -218,7 +218,7 @@ def trace(
 
     def flat_fn(*flat: torch.Tensor) -> list[torch.Tensor]:
         with _Rewrites():
-            return flatten_outputs(fn(*_regroup(signature, flat)))
+            return flatten_outputs(fn(*regroup(signature, flat)))
 
     try:
         # The random state is restored so that tracing leaves none behind.
@@ -242,11 +242,12 @@ def trace(
     context = _Context(fn, inputs, signature, dummy, seed)
     plan = _from_graph(name, graph, context, max_memory_bytes)
     plan.function = fn
-    plan.example_args = tuple(_regroup(signature, dummy))
+    plan.example_args = tuple(regroup(signature, dummy))
     return plan
 
 
-def _regroup(signature: list[tuple[str, int | None]], flat: Sequence[Any]) -> list[Any]:
+def regroup(signature: list[tuple[str, int | None]], flat: Sequence[Any]) -> list[Any]:
+    """Flat inputs grouped as the signature says: lists where it has sizes."""
     args: list[Any] = []
     position = 0
     for _, size in signature:
@@ -362,7 +363,7 @@ class _Context:
         ``{op}`` is the op's name followed by the user's line that runs it,
         ``{at}`` the line alone.
         """
-        args = _regroup(self.signature, [t.clone() for t in self.dummy])
+        args = regroup(self.signature, [t.clone() for t in self.dummy])
         at = _find_origin(self.fn, args, op_name)
         return PlanError(problem.format(fn=self.fn.__name__, op=op_name + at, at=at))
 
