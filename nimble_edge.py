@@ -94,6 +94,7 @@ http_logger = logging.getLogger("nimble_edge.http")
 # ============================================================ settings and limits
 
 KIB = 1024
+TOKEN_HASH_ROUNDS = 200_000
 MIB = 1024 * KIB
 
 DEFAULT_HOST = "127.0.0.1"
@@ -331,8 +332,20 @@ def bytes_field(body: Any, name: str, *, default: Any = ...) -> Any:
     return value
 
 
-def hash_token(token: str) -> str:
-    return hashlib.sha256(token.encode()).hexdigest()
+def hash_token(token: str, salt: bytes | None = None) -> str:
+    """The admin token as stored: salted PBKDF2, slow to guess from a stolen file."""
+    salt = salt or secrets.token_bytes(16)
+    digest = hashlib.pbkdf2_hmac("sha256", token.encode(), salt, TOKEN_HASH_ROUNDS)
+    return f"pbkdf2_sha256${TOKEN_HASH_ROUNDS}${salt.hex()}${digest.hex()}"
+
+
+def token_matches(token: str, stored: str) -> bool:
+    """Whether ``token`` is the one ``stored`` was made from (constant time)."""
+    _, rounds, salt, digest = stored.split("$")
+    derived = hashlib.pbkdf2_hmac(
+        "sha256", token.encode(), bytes.fromhex(salt), int(rounds)
+    )
+    return hmac.compare_digest(derived.hex(), digest)
 
 
 _HMAC_ALGORITHMS = frozenset({"HS256", "HS384", "HS512"})
@@ -1358,6 +1371,9 @@ class Federation:
         self._clock_task: asyncio.Task[None] | None = None
         self._warned_open: set[int] = set()
         self._admin_hash: str | None = None
+        # SHA-256 digests of tokens already checked against the slow hash.
+        self._verified_tokens: set[bytes] = set()
+        self._verify_lock = asyncio.Lock()
         self._selection_key = b""
         self._largest_model_bytes = 0
 
@@ -1388,16 +1404,17 @@ class Federation:
                 await queries.set_setting("selection_key", key)
             self._selection_key = bytes.fromhex(key)
             stored = await queries.setting("admin_token")
-            if token:
-                self._admin_hash = hash_token(token)
+            if token or stored is None:
+                is_new = not token
+                token = token or secrets.token_urlsafe(32)
+                self._admin_hash = await asyncio.to_thread(hash_token, token)
+                self._verified_tokens.add(hashlib.sha256(token.encode()).digest())
                 await queries.set_setting("admin_token", self._admin_hash)
-                return
-            if stored is not None:
+            else:
                 self._admin_hash = stored
-                return
-            token = secrets.token_urlsafe(32)
-            self._admin_hash = hash_token(token)
-            await queries.set_setting("admin_token", self._admin_hash)
+                is_new = False
+        if not is_new:
+            return
         # Shown once, on the terminal and never in a log: only its hash is
         # kept, so a lost token is replaced by setting NIMBLE_EDGE_ADMIN_TOKEN.
         print(
@@ -1407,17 +1424,30 @@ class Federation:
             flush=True,
         )
 
-    def check_admin(self, authorization: str | None) -> None:
-        """Raise 401 unless the header carries the admin token."""
+    async def check_admin(self, authorization: str | None) -> None:
+        """Raise 401 unless the header carries the admin token.
+
+        The stored hash is slow on purpose; a token that passed it once is
+        remembered (as a digest) so that the admin client stays fast, and
+        checks run one at a time in a thread so that guesses cannot stall
+        the server.
+        """
         scheme, _, token = (authorization or "").partition(" ")
+        token = token.strip()
         if scheme.lower() != "bearer" or not token or self._admin_hash is None:
             raise ApiError(
                 401,
                 "unauthorized",
                 "this route needs 'Authorization: Bearer <admin token>'",
             )
-        if not hmac.compare_digest(hash_token(token.strip()), self._admin_hash):
+        digest = hashlib.sha256(token.encode()).digest()
+        if digest in self._verified_tokens:
+            return
+        async with self._verify_lock:
+            matches = await asyncio.to_thread(token_matches, token, self._admin_hash)
+        if not matches:
             raise ApiError(401, "unauthorized", "the admin token was not accepted")
+        self._verified_tokens.add(digest)
 
     # ------------------------------------------------------------ processes
 
@@ -2251,7 +2281,7 @@ def control(
     async def handler(request: Request) -> Response:
         federation = federation_of(request)
         if is_admin:
-            federation.check_admin(request.headers.get("authorization"))
+            await federation.check_admin(request.headers.get("authorization"))
         body = await message(request, limit(federation))
         return respond(request, await action(federation, body))
 
@@ -2270,7 +2300,7 @@ async def get_plan(request: Request) -> Response:
 
 async def retrieve_model(request: Request) -> Response:
     federation = federation_of(request)
-    federation.check_admin(request.headers.get("authorization"))
+    await federation.check_admin(request.headers.get("authorization"))
     return raw_response(await federation.retrieve(request.query_params))
 
 
@@ -2280,7 +2310,7 @@ async def status(request: Request) -> Response:
     # Without credentials the summary is public; credentials that are sent
     # must be right, so a typo in the token is not silently ignored.
     if authorization is not None:
-        federation.check_admin(authorization)
+        await federation.check_admin(authorization)
     return respond(request, await federation.status(is_admin=authorization is not None))
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import sqlite3
 import subprocess
 import sys
 import time
@@ -287,3 +289,61 @@ def test_secrets_and_tokens_never_reach_the_log(debug_server, plan):
     assert "DEBUG" in log and job.request_key
     for secret in (SECRET, token, debug_server.token, job.request_key):
         assert secret not in log
+
+
+def test_generated_admin_token_is_shown_once_and_stored_only_hashed(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "NIMBLE_EDGE_ADMIN_TOKEN"}
+    db = tmp_path / "edge.sqlite"
+
+    def serve_once() -> tuple:
+        port = nimble_edge.free_port()
+        log = tmp_path / f"serve-{port}.log"
+        with log.open("wb") as out:
+            process = subprocess.Popen(
+                [
+                    sys.executable,
+                    str(ROOT / "nimble_edge.py"),
+                    "serve",
+                    "--db",
+                    str(db),
+                    "--port",
+                    str(port),
+                ],
+                env=env,
+                stdout=out,
+                stderr=out,
+            )
+        for _ in range(300):
+            try:
+                httpx.get(f"http://127.0.0.1:{port}/health", timeout=1)
+                break
+            except httpx.HTTPError:
+                time.sleep(0.1)
+        return log, port, process
+
+    log, port, process = serve_once()
+    text = log.read_text()
+    token = text.split("NIMBLE_EDGE_ADMIN_TOKEN=")[1].split()[0]
+    first = httpx.get(
+        f"http://127.0.0.1:{port}/status", headers={"Authorization": f"Bearer {token}"}
+    ).status_code
+    process.terminate()
+    process.wait(timeout=30)
+    log, port, process = serve_once()
+    again = httpx.get(
+        f"http://127.0.0.1:{port}/status", headers={"Authorization": f"Bearer {token}"}
+    ).status_code
+    wrong = httpx.get(
+        f"http://127.0.0.1:{port}/status", headers={"Authorization": "Bearer guess"}
+    ).status_code
+    process.terminate()
+    process.wait(timeout=30)
+
+    assert first == again == 200 and wrong == 401
+    assert "NIMBLE_EDGE_ADMIN_TOKEN=" not in log.read_text()
+    stored = (
+        sqlite3.connect(db)
+        .execute("SELECT value FROM settings WHERE key = 'admin_token'")
+        .fetchone()[0]
+    )
+    assert stored.startswith("pbkdf2_sha256$") and token not in stored

@@ -30,7 +30,7 @@ def main() -> None:
     parser.add_argument(
         "--max-wait",
         type=float,
-        default=60.0,
+        default=5.0,
         help="longest pause between cycle requests, in seconds",
     )
     args = parser.parse_args()

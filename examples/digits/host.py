@@ -20,7 +20,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--address", default="127.0.0.1:7000")
     parser.add_argument("--cycles", type=int, default=30)
-    parser.add_argument("--max-diffs", type=int, default=1)
+    parser.add_argument(
+        "--max-diffs",
+        type=int,
+        default=4,
+        help="diffs per cycle; as many workers are admitted, so that no "
+        "device trains for a cycle that closes before it reports",
+    )
     parser.add_argument(
         "--retrieve",
         action="store_true",
@@ -52,6 +58,7 @@ def main() -> None:
             "num_cycles": args.cycles,
             "cycle_length": 86400,
             "max_diffs": args.max_diffs,
+            "max_workers": args.max_diffs,
             "minimum_upload_speed": 0,
             "minimum_download_speed": 0,
         },
