@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-import nimble_edge
+import nimble_store
 from nimble_edge import Store, migration_files, split_sql
 
 
@@ -76,7 +76,7 @@ def test_failed_migration_rolls_back(tmp_path, monkeypatch):
     (migrations / "0002_bad.sql").write_text(
         "CREATE TABLE b (\n    id INTEGER\n);\nINSERT INTO missing VALUES (1);\n"
     )
-    monkeypatch.setattr(nimble_edge, "MIGRATIONS_DIR", migrations)
+    monkeypatch.setattr(nimble_store, "MIGRATIONS_DIR", migrations)
 
     with pytest.raises(RuntimeError, match=r"0002_bad failed.*no such table: missing"):
         run(Store(tmp_path / "db.sqlite").open())

@@ -1,0 +1,690 @@
+"""nimble-edge's store: the records and the one SQLite file behind them.
+
+The server (``nimble_edge.py``) keeps everything in one SQLite file in WAL
+mode. This module holds the records it reads back (processes, cycles,
+assignments), the migrations under ``migrations/``, every SQL statement the
+server runs (:class:`Queries`), and :class:`Store`, which owns the write
+connection behind one lock and a second connection for reads. It knows
+nothing of HTTP; a write the disk refuses becomes a :class:`StorageError`
+that the server answers with 507 or 503.
+
+Sections, in order: records; store.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import sqlite3
+import sys
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiosqlite
+
+store_logger = logging.getLogger("nimble_edge.store")
+
+MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
+INSTALLED_MIGRATIONS_DIR = Path(sys.prefix) / "share" / "nimble-edge" / "migrations"
+
+
+class StorageError(Exception):
+    """A write the disk or the file refused; nothing of it was stored.
+
+    ``status`` and ``code`` are what the server answers with.
+    """
+
+    def __init__(self, status: int, code: str, message: str):
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+
+
+# ============================================================ records
+
+
+@dataclass(frozen=True)
+class Process:
+    id: int
+    name: str
+    version: str
+    client_config: dict[str, Any]
+    server_config: dict[str, Any]
+    completed_at: float | None
+
+    @property
+    def label(self) -> str:
+        return f"{self.name}@{self.version}"
+
+    @classmethod
+    def from_row(cls, row: Any) -> Process:
+        return cls(
+            row["id"],
+            row["name"],
+            row["version"],
+            json.loads(row["client_config"]),
+            json.loads(row["server_config"]),
+            row["completed_at"],
+        )
+
+
+@dataclass(frozen=True)
+class Cycle:
+    id: int
+    process_id: int
+    number: int
+    checkpoint_number: int
+    deadline_at: float
+    closed_at: float | None
+
+    @classmethod
+    def from_row(cls, row: Any) -> Cycle:
+        return cls(
+            row["id"],
+            row["process_id"],
+            row["number"],
+            row["checkpoint_number"],
+            row["deadline_at"],
+            row["closed_at"],
+        )
+
+
+@dataclass(frozen=True)
+class Assignment:
+    id: int
+    worker_id: str
+    request_key: str
+    cycle: Cycle
+
+
+# ============================================================ store
+
+
+def migration_files(directory: Path | None = None) -> list[tuple[int, str, Path]]:
+    """Return ``(number, name, path)`` for each ``NNNN_name.sql``, in order."""
+    if directory is None:
+        directory = (
+            MIGRATIONS_DIR if MIGRATIONS_DIR.is_dir() else INSTALLED_MIGRATIONS_DIR
+        )
+    found = []
+    for path in sorted(directory.glob("[0-9][0-9][0-9][0-9]_*.sql")):
+        found.append((int(path.name[:4]), path.stem[5:], path))
+    return found
+
+
+def split_sql(script: str) -> list[str]:
+    """Split a script into statements, respecting strings and comments."""
+    statements, buffer = [], ""
+    for line in script.splitlines(keepends=True):
+        buffer += line
+        if sqlite3.complete_statement(buffer):
+            if buffer.strip():
+                statements.append(buffer.strip())
+            buffer = ""
+    if buffer.strip() and not all(
+        part.strip().startswith("--") or not part.strip()
+        for part in buffer.splitlines()
+    ):
+        raise ValueError(f"incomplete SQL statement at the end: {buffer.strip()[:80]}")
+    return statements
+
+
+class Queries:
+    """Every statement the server runs, over one connection.
+
+    :meth:`Store.transaction` hands these out on the write connection inside
+    one transaction; :attr:`Store.read` runs them on the read connection.
+    """
+
+    def __init__(self, db: aiosqlite.Connection):
+        self.db = db
+
+    async def _one(self, sql: str, params: tuple[Any, ...] = ()) -> Any:
+        async with self.db.execute(sql, params) as cursor:
+            return await cursor.fetchone()
+
+    async def _all(self, sql: str, params: tuple[Any, ...] = ()) -> list[Any]:
+        return list(await self.db.execute_fetchall(sql, params))
+
+    async def _run(self, sql: str, params: tuple[Any, ...] = ()) -> int:
+        async with self.db.execute(sql, params) as cursor:
+            return cursor.lastrowid or 0
+
+    # ------------------------------------------------------------ settings
+
+    async def setting(self, key: str) -> str | None:
+        row = await self._one("SELECT value FROM settings WHERE key = ?", (key,))
+        return None if row is None else str(row["value"])
+
+    async def set_setting(self, key: str, value: str) -> None:
+        await self._run(
+            "INSERT OR REPLACE INTO settings (key, value) VALUES (?, ?)", (key, value)
+        )
+
+    # ------------------------------------------------------------ processes
+
+    async def process(self, name: str, version: str | None) -> Process | None:
+        """The process by name and version, or the newest of that name."""
+        if version is None:
+            row = await self._one(
+                "SELECT * FROM processes WHERE name = ? ORDER BY id DESC LIMIT 1",
+                (name,),
+            )
+        else:
+            row = await self._one(
+                "SELECT * FROM processes WHERE name = ? AND version = ?",
+                (name, version),
+            )
+        return None if row is None else Process.from_row(row)
+
+    async def process_by_id(self, process_id: int) -> Process:
+        row = await self._one("SELECT * FROM processes WHERE id = ?", (process_id,))
+        return Process.from_row(row)
+
+    async def insert_process(
+        self,
+        name: str,
+        version: str,
+        client_config: dict[str, Any],
+        server_config: dict[str, Any],
+        now: float,
+    ) -> int:
+        return await self._run(
+            "INSERT INTO processes (name, version, client_config, server_config, "
+            "created_at) VALUES (?, ?, ?, ?, ?)",
+            (name, version, json.dumps(client_config), json.dumps(server_config), now),
+        )
+
+    async def complete_process(self, process_id: int, now: float) -> None:
+        await self._run(
+            "UPDATE processes SET completed_at = ? WHERE id = ?", (now, process_id)
+        )
+
+    async def insert_plan(self, process_id: int, name: str, value: bytes) -> None:
+        await self._run(
+            "INSERT INTO plans (process_id, name, value) VALUES (?, ?, ?)",
+            (process_id, name, value),
+        )
+
+    async def insert_protocol(self, process_id: int, name: str, value: bytes) -> None:
+        await self._run(
+            "INSERT INTO protocols (process_id, name, value) VALUES (?, ?, ?)",
+            (process_id, name, value),
+        )
+
+    async def plan_ids(self, process_id: int) -> dict[str, int]:
+        """The portable plans' ids; mobile forms (``name:ts``) share them."""
+        rows = await self._all(
+            "SELECT id, name FROM plans WHERE process_id = ? AND instr(name, ':') = 0 "
+            "ORDER BY id",
+            (process_id,),
+        )
+        return {row["name"]: row["id"] for row in rows}
+
+    async def protocol_ids(self, process_id: int) -> dict[str, int]:
+        rows = await self._all(
+            "SELECT id, name FROM protocols WHERE process_id = ? ORDER BY id",
+            (process_id,),
+        )
+        return {row["name"]: row["id"] for row in rows}
+
+    async def plan(
+        self, plan_id: int, process_id: int, suffix: str = ""
+    ) -> bytes | None:
+        """A portable plan by id, or its form named ``<name><suffix>``."""
+        row = await self._one(
+            "SELECT f.value FROM plans p JOIN plans f "
+            "ON f.process_id = p.process_id AND f.name = p.name || ? "
+            "WHERE p.id = ? AND p.process_id = ? AND instr(p.name, ':') = 0",
+            (suffix, plan_id, process_id),
+        )
+        return None if row is None else bytes(row["value"])
+
+    async def set_averaging_plan(self, process_id: int, value: bytes) -> None:
+        await self._run(
+            "UPDATE processes SET averaging_plan = ? WHERE id = ?", (value, process_id)
+        )
+
+    async def averaging_plan(self, process_id: int) -> bytes | None:
+        row = await self._one(
+            "SELECT averaging_plan FROM processes WHERE id = ?", (process_id,)
+        )
+        value = None if row is None else row["averaging_plan"]
+        return None if value is None else bytes(value)
+
+    # ------------------------------------------------------------ checkpoints
+
+    async def insert_checkpoint(
+        self, process_id: int, number: int, value: bytes, now: float
+    ) -> None:
+        await self._run(
+            "INSERT INTO checkpoints (process_id, number, value, created_at) "
+            "VALUES (?, ?, ?, ?)",
+            (process_id, number, value, now),
+        )
+
+    async def checkpoint(
+        self, process_id: int, number: int | None
+    ) -> tuple[int, bytes] | None:
+        """``(id, value)`` of a checkpoint by number, or of the latest one."""
+        if number is None:
+            row = await self._one(
+                "SELECT id, value FROM checkpoints WHERE process_id = ? "
+                "ORDER BY number DESC LIMIT 1",
+                (process_id,),
+            )
+        else:
+            row = await self._one(
+                "SELECT id, value FROM checkpoints WHERE process_id = ? AND number = ?",
+                (process_id, number),
+            )
+        return None if row is None else (row["id"], bytes(row["value"]))
+
+    async def largest_model_bytes(self) -> int:
+        row = await self._one(
+            "SELECT max(length(value)) AS size FROM checkpoints WHERE number = 1"
+        )
+        return int(row["size"] or 0)
+
+    # ------------------------------------------------------------ cycles
+
+    async def insert_cycle(
+        self,
+        process_id: int,
+        number: int,
+        checkpoint_number: int,
+        now: float,
+        deadline_at: float,
+    ) -> None:
+        await self._run(
+            "INSERT INTO cycles (process_id, number, checkpoint_number, started_at, "
+            "deadline_at) VALUES (?, ?, ?, ?, ?)",
+            (process_id, number, checkpoint_number, now, deadline_at),
+        )
+
+    async def open_cycle(self, process_id: int) -> Cycle | None:
+        row = await self._one(
+            "SELECT * FROM cycles WHERE process_id = ? AND closed_at IS NULL",
+            (process_id,),
+        )
+        return None if row is None else Cycle.from_row(row)
+
+    async def cycle(self, cycle_id: int) -> Cycle | None:
+        row = await self._one("SELECT * FROM cycles WHERE id = ?", (cycle_id,))
+        return None if row is None else Cycle.from_row(row)
+
+    async def close_cycle(self, cycle_id: int, now: float, diffs: int) -> None:
+        await self._run(
+            "UPDATE cycles SET closed_at = ?, diffs_averaged = ? WHERE id = ?",
+            (now, diffs, cycle_id),
+        )
+
+    async def set_averaging_error(self, cycle_id: int, error: str) -> None:
+        await self._run(
+            "UPDATE cycles SET averaging_error = ? WHERE id = ?", (error, cycle_id)
+        )
+
+    async def averaging_errors(self) -> dict[int, dict[str, Any]]:
+        """``{process_id: {"cycle", "error"}}`` where the last closed cycle failed."""
+        rows = await self._all(
+            "SELECT c.process_id, c.number, c.averaging_error FROM cycles c "
+            "WHERE c.averaging_error IS NOT NULL AND c.number = ("
+            "SELECT max(number) FROM cycles l "
+            "WHERE l.process_id = c.process_id AND l.closed_at IS NOT NULL)"
+        )
+        return {
+            row["process_id"]: {"cycle": row["number"], "error": row["averaging_error"]}
+            for row in rows
+        }
+
+    async def set_deadline(self, cycle_id: int, deadline_at: float) -> None:
+        await self._run(
+            "UPDATE cycles SET deadline_at = ? WHERE id = ? AND closed_at IS NULL",
+            (deadline_at, cycle_id),
+        )
+
+    async def open_cycles(self) -> list[tuple[Cycle, Process, int]]:
+        """Every open cycle with its process and its number of reports."""
+        rows = await self._all(
+            "SELECT c.*, (SELECT count(*) FROM reports r WHERE r.cycle_id = c.id) "
+            "AS reports FROM cycles c WHERE c.closed_at IS NULL ORDER BY c.id"
+        )
+        return [
+            (
+                Cycle.from_row(row),
+                await self.process_by_id(row["process_id"]),
+                row["reports"],
+            )
+            for row in rows
+        ]
+
+    # ------------------------------------------------------------ workers
+
+    async def worker_process_id(self, worker_id: str) -> int | None:
+        row = await self._one(
+            "SELECT process_id FROM workers WHERE id = ?", (worker_id,)
+        )
+        return None if row is None else int(row["process_id"])
+
+    async def worker_by_subject(self, process_id: int, subject: str) -> str | None:
+        row = await self._one(
+            "SELECT id FROM workers WHERE process_id = ? AND subject = ?",
+            (process_id, subject),
+        )
+        return None if row is None else str(row["id"])
+
+    async def insert_worker(
+        self, worker_id: str, process_id: int, subject: str | None, now: float
+    ) -> None:
+        await self._run(
+            "INSERT INTO workers (id, process_id, subject, created_at) "
+            "VALUES (?, ?, ?, ?)",
+            (worker_id, process_id, subject, now),
+        )
+
+    # ------------------------------------------------------------ assignments
+
+    async def assignment_in(
+        self, cycle_id: int, worker_id: str
+    ) -> tuple[str, bool] | None:
+        """``(request_key, has_reported)`` of a worker's assignment in a cycle."""
+        row = await self._one(
+            "SELECT a.request_key, r.assignment_id IS NOT NULL AS has_reported "
+            "FROM assignments a LEFT JOIN reports r ON r.assignment_id = a.id "
+            "WHERE a.cycle_id = ? AND a.worker_id = ?",
+            (cycle_id, worker_id),
+        )
+        return None if row is None else (row["request_key"], bool(row["has_reported"]))
+
+    async def last_cycle_of(self, worker_id: str) -> int | None:
+        """The number of the latest cycle in which a worker was assigned."""
+        row = await self._one(
+            "SELECT max(c.number) AS number FROM assignments a "
+            "JOIN cycles c ON c.id = a.cycle_id WHERE a.worker_id = ?",
+            (worker_id,),
+        )
+        return None if row["number"] is None else int(row["number"])
+
+    async def process_count(self) -> int:
+        row = await self._one("SELECT count(*) AS n FROM processes")
+        return int(row["n"])
+
+    async def worker_count(self, process_id: int) -> int:
+        row = await self._one(
+            "SELECT count(*) AS n FROM workers WHERE process_id = ?", (process_id,)
+        )
+        return int(row["n"])
+
+    async def assignment_count(self, cycle_id: int) -> int:
+        row = await self._one(
+            "SELECT count(*) AS n FROM assignments WHERE cycle_id = ?", (cycle_id,)
+        )
+        return int(row["n"])
+
+    async def insert_assignment(
+        self, cycle_id: int, worker_id: str, request_key: str, now: float
+    ) -> None:
+        await self._run(
+            "INSERT INTO assignments (cycle_id, worker_id, request_key, assigned_at) "
+            "VALUES (?, ?, ?, ?)",
+            (cycle_id, worker_id, request_key, now),
+        )
+
+    async def assignment(self, request_key: str) -> Assignment | None:
+        row = await self._one(
+            "SELECT a.id AS assignment_id, a.worker_id, a.request_key, c.* "
+            "FROM assignments a JOIN cycles c ON c.id = a.cycle_id "
+            "WHERE a.request_key = ?",
+            (request_key,),
+        )
+        if row is None:
+            return None
+        return Assignment(
+            row["assignment_id"],
+            row["worker_id"],
+            row["request_key"],
+            Cycle.from_row(row),
+        )
+
+    # ------------------------------------------------------------ reports
+
+    async def report_of(self, assignment_id: int) -> tuple[bytes, int] | None:
+        """``(digest, num_samples)`` of the report for an assignment."""
+        row = await self._one(
+            "SELECT digest, num_samples FROM reports WHERE assignment_id = ?",
+            (assignment_id,),
+        )
+        return None if row is None else (bytes(row["digest"]), row["num_samples"])
+
+    async def insert_report(
+        self,
+        assignment: Assignment,
+        diff: bytes,
+        digest: bytes,
+        num_samples: int,
+        metrics: dict[str, float],
+        now: float,
+    ) -> None:
+        await self._run(
+            "INSERT INTO reports (assignment_id, cycle_id, diff, digest, "
+            "num_samples, metrics, reported_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (
+                assignment.id,
+                assignment.cycle.id,
+                diff,
+                digest,
+                num_samples,
+                json.dumps(metrics) if metrics else None,
+                now,
+            ),
+        )
+
+    async def drop_diffs(self, cycle_id: int) -> None:
+        """Empty the diff blobs of a closed cycle; digests stay for retries."""
+        await self._run("UPDATE reports SET diff = x'' WHERE cycle_id = ?", (cycle_id,))
+
+    async def report_count(self, cycle_id: int) -> int:
+        row = await self._one(
+            "SELECT count(*) AS n FROM reports WHERE cycle_id = ?", (cycle_id,)
+        )
+        return int(row["n"])
+
+    async def reports(self, cycle_id: int) -> AsyncIterator[tuple[bytes, int]]:
+        """``(diff, num_samples)`` of each report of a cycle, one at a time."""
+        async with self.db.execute(
+            "SELECT diff, num_samples FROM reports WHERE cycle_id = ? "
+            "ORDER BY assignment_id",
+            (cycle_id,),
+        ) as cursor:
+            async for row in cursor:
+                yield bytes(row["diff"]), row["num_samples"]
+
+    async def delete_process(self, process_id: int) -> None:
+        # Plans, checkpoints, cycles, workers, assignments and reports go with
+        # it through ON DELETE CASCADE.
+        await self._run("DELETE FROM processes WHERE id = ?", (process_id,))
+
+    async def reset_process(self, process_id: int) -> None:
+        """Back to checkpoint 1 with no cycles; workers keep their ids."""
+        await self._run("DELETE FROM cycles WHERE process_id = ?", (process_id,))
+        await self._run(
+            "DELETE FROM checkpoints WHERE process_id = ? AND number > 1",
+            (process_id,),
+        )
+        await self._run(
+            "UPDATE processes SET completed_at = NULL WHERE id = ?", (process_id,)
+        )
+
+    # ------------------------------------------------------------ status
+
+    async def status_rows(self) -> list[Any]:
+        return await self._all(
+            "SELECT p.id, p.name, p.version, p.server_config, p.completed_at, "
+            "(SELECT max(number) FROM checkpoints k WHERE k.process_id = p.id) "
+            "AS checkpoints, c.number AS cycle, c.deadline_at, "
+            "(SELECT count(*) FROM reports r WHERE r.cycle_id = c.id) AS reports, "
+            "(SELECT count(*) FROM assignments a WHERE a.cycle_id = c.id) "
+            "AS assignments, "
+            "(SELECT count(*) FROM workers w WHERE w.process_id = p.id) AS workers "
+            "FROM processes p LEFT JOIN cycles c "
+            "ON c.process_id = p.id AND c.closed_at IS NULL ORDER BY p.id"
+        )
+
+
+def storage_error(exc: sqlite3.Error, path: Path) -> Exception:
+    """The API error for a failed write: the disk is full or the file is locked.
+
+    Other SQLite errors are faults of the server and come back unchanged.
+    """
+    name = getattr(exc, "sqlite_errorname", "")
+    if name.startswith("SQLITE_FULL"):
+        store_logger.warning("Writing %s failed: the disk is full (%s)", path, name)
+        return StorageError(
+            507,
+            "storage_full",
+            "the gateway's disk is full, so nothing was stored; retry after the "
+            "operator frees space",
+        )
+    if name.startswith(("SQLITE_READONLY", "SQLITE_IOERR", "SQLITE_CANTOPEN")):
+        store_logger.warning("Writing %s failed: %s", path, name)
+        return StorageError(
+            503,
+            "storage_unavailable",
+            "the database cannot be written (read-only or failing), so nothing was "
+            "stored; retry later",
+        )
+    return exc
+
+
+class Store:
+    """The SQLite file: one write connection behind a lock, one for reads.
+
+    Every write happens inside :meth:`transaction`, which holds the lock for
+    the whole transaction, so statements of concurrent requests never mix
+    and SQLite never answers "database is locked". Reads use their own
+    connection and, in WAL mode, never wait for the writer.
+    """
+
+    def __init__(self, path: Path):
+        self.path = path
+        self._writer: aiosqlite.Connection | None = None
+        self._reader: aiosqlite.Connection | None = None
+        self._lock = asyncio.Lock()
+        self.applied: list[str] = []
+
+    async def open(self) -> None:
+        store_logger.info("Opening store %s", self.path)
+        try:
+            # A plain connection first: aiosqlite's thread outlives a failed
+            # connect and then crashes at exit, hiding this message.
+            sqlite3.connect(self.path).close()
+            self._writer = await self._connect()
+        except sqlite3.Error as exc:
+            raise RuntimeError(
+                f"cannot open database {self.path}: {exc}; check that its folder "
+                "exists and is writable"
+            ) from exc
+        try:
+            # synchronous=FULL makes a commit durable in WAL mode even after
+            # power loss: a report is acknowledged only after its commit.
+            await self._writer.execute("PRAGMA journal_mode = WAL")
+            await self._writer.execute("PRAGMA synchronous = FULL")
+            await self.migrate()
+            self._reader = await self._connect()
+        except BaseException as exc:
+            # aiosqlite's threads keep the interpreter alive until closed.
+            await self.close()
+            if isinstance(exc, (sqlite3.Error, StorageError)):
+                raise RuntimeError(
+                    f"cannot use database {self.path}: {exc}; check that the file "
+                    "and its folder are writable and the disk has space"
+                ) from exc
+            raise
+        store_logger.info("Store %s ready", self.path)
+
+    async def _connect(self) -> aiosqlite.Connection:
+        db = await aiosqlite.connect(self.path, isolation_level=None)
+        db.row_factory = aiosqlite.Row
+        await db.execute("PRAGMA foreign_keys = ON")
+        await db.execute("PRAGMA busy_timeout = 10000")
+        return db
+
+    async def close(self) -> None:
+        for db in (self._reader, self._writer):
+            if db is not None:
+                await db.close()
+        self._reader = self._writer = None
+        store_logger.info("Store %s closed", self.path)
+
+    async def migrate(self) -> list[str]:
+        """Apply the migrations not yet recorded, each in its own transaction."""
+        assert self._writer is not None
+        await self._writer.execute(
+            "CREATE TABLE IF NOT EXISTS schema_migrations (\n"
+            "    number INTEGER PRIMARY KEY,\n"
+            "    name TEXT NOT NULL,\n"
+            "    applied_at REAL NOT NULL\n"
+            ")"
+        )
+        rows = await self._writer.execute_fetchall(
+            "SELECT number FROM schema_migrations"
+        )
+        applied = {row[0] for row in rows}
+
+        done = []
+        for number, name, path in migration_files():
+            if number in applied:
+                continue
+            try:
+                async with self.transaction() as queries:
+                    for statement in split_sql(path.read_text()):
+                        await queries.db.execute(statement)
+                    await queries.db.execute(
+                        "INSERT INTO schema_migrations (number, name, applied_at) "
+                        "VALUES (?, ?, ?)",
+                        (number, name, time.time()),
+                    )
+            except (sqlite3.Error, StorageError) as exc:
+                raise RuntimeError(
+                    f"migration {number:04d}_{name} failed and was rolled back, "
+                    f"leaving {self.path} as it was: {exc}"
+                ) from exc
+            store_logger.info("Migration %04d_%s applied", number, name)
+            done.append(f"{number:04d}_{name}")
+        self.applied.extend(done)
+        return done
+
+    @contextlib.asynccontextmanager
+    async def transaction(self) -> AsyncIterator[Queries]:
+        """Hold the write connection for one immediate transaction.
+
+        Raises:
+            StorageError: 507 when the disk is full, 503 when the file cannot be
+                written; the transaction is rolled back, nothing is stored.
+        """
+        assert self._writer is not None, "store is not open"
+        async with self._lock:
+            try:
+                await self._writer.execute("BEGIN IMMEDIATE")
+                yield Queries(self._writer)
+                await self._writer.execute("COMMIT")
+            except BaseException as exc:
+                # A failed COMMIT may already have rolled back; a second
+                # ROLLBACK then fails, and must not hide the first error.
+                with contextlib.suppress(sqlite3.Error):
+                    await self._writer.execute("ROLLBACK")
+                if isinstance(exc, sqlite3.Error):
+                    raise storage_error(exc, self.path) from exc
+                raise
+
+    @property
+    def read(self) -> Queries:
+        """Queries on the read connection, outside any write transaction."""
+        assert self._reader is not None, "store is not open"
+        return Queries(self._reader)
