@@ -50,7 +50,7 @@ import tempfile
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -75,10 +75,11 @@ from nimble_store import (  # Store and its helpers: importable from here too
     migration_files,  # noqa: F401
     split_sql,  # noqa: F401
 )
-from plan_runtime.aggregation import (  # Accumulator: importable from here too
-    Accumulator,  # noqa: F401
+from plan_runtime.aggregation import (
+    Accumulator,
     AggregationError,
     AveragingPlan,
+    is_finite,
     load_averaging_plan,
     make_aggregator,
 )
@@ -90,6 +91,8 @@ from plan_runtime.state import (
     decode_message,
     decode_state,
     encode_state,
+    layout_state,
+    load_views,
     state_spec,
 )
 
@@ -226,8 +229,13 @@ def encode_body(payload: Any, *, as_json: bool) -> tuple[bytes, str]:
     return cbor2.dumps(payload), CBOR_TYPE
 
 
-def decode_body(data: bytes, content_type: str) -> Any:
+def decode_body(
+    data: bytes | bytearray, content_type: str, *, views: bool = False
+) -> Any:
     """Decode a control message, CBOR unless the client said JSON.
+
+    With ``views``, CBOR byte strings come back as views of ``data``
+    rather than copies (a report's diff).
 
     Raises:
         ApiError: 400 for a malformed body, 415 for another media type.
@@ -245,7 +253,7 @@ def decode_body(data: bytes, content_type: str) -> Any:
             f"{CBOR_TYPE} (or {JSON_TYPE} for control messages)",
         )
     try:
-        return decode_message(data)
+        return load_views(data) if views else decode_message(data)
     except StateError as exc:
         raise bad_request(f"body is not valid CBOR: {exc}", "invalid_body") from exc
 
@@ -330,7 +338,7 @@ def check_config_value(value: Any, where: str, depth: int = 0) -> None:
 
 def bytes_field(body: Any, name: str, *, default: Any = ...) -> Any:
     """A byte-string field; JSON clients send base64 text instead."""
-    value = field_of(body, name, (bytes, str), default=default)
+    value = field_of(body, name, (bytes, memoryview, str), default=default)
     if isinstance(value, str):
         try:
             return base64.b64decode(value, validate=True)
@@ -605,7 +613,7 @@ def check_diff(diff_bytes: bytes, spec: Spec) -> dict[str, torch.Tensor]:
                 "invalid_diff",
             )
     for name, tensor in diff.items():
-        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+        if not is_finite(tensor):
             raise bad_request(
                 f"diff tensor {name!r} holds NaN or infinity", "invalid_diff"
             )
@@ -623,7 +631,7 @@ def check_model(data: bytes) -> dict[str, torch.Tensor]:
     if not model:
         raise bad_request("model holds no tensors", "invalid_model")
     for name, tensor in model.items():
-        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+        if not is_finite(tensor):
             raise bad_request(
                 f"model tensor {name!r:.60} holds NaN or infinity", "invalid_model"
             )
@@ -723,6 +731,44 @@ def seconds_until(moment: float, now: float) -> int:
     return max(0, math.ceil(moment - now))
 
 
+@dataclass(frozen=True)
+class Blob:
+    """Stored bytes, served as they are, with the ETag that names them."""
+
+    data: bytes | memoryview
+    etag: str
+
+    @classmethod
+    def of(cls, data: bytes | bytearray | memoryview) -> Blob:
+        view = data if isinstance(data, bytes) else memoryview(data).toreadonly()
+        return cls(view, '"' + hashlib.sha256(data).hexdigest()[:32] + '"')
+
+
+@dataclass(frozen=True)
+class CachedCheckpoint:
+    id: int
+    number: int
+    blob: Blob
+
+
+@dataclass(eq=False)
+class RunningSum:
+    """A cycle's built-in average, kept as its reports arrive.
+
+    Each accepted diff is added once it is durable, so closing the cycle is
+    one division and one subtraction. ``included`` names the assignments
+    already in the sum; the close adds, from the store, any report that is
+    not (one accepted just before a restart, or while the close began).
+    """
+
+    process_id: int
+    checkpoint_number: int
+    accumulator: Accumulator | None = None
+    included: set[int] = field(default_factory=set)
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    is_closed: bool = False
+
+
 class Federation:
     """Processes, admission, cycles and aggregation: the rules, no SQL or HTTP."""
 
@@ -730,6 +776,13 @@ class Federation:
         self.store = store
         self.settings = settings
         self._specs: dict[int, Spec] = {}
+        # The newest checkpoint of each process and every plan served, as
+        # bytes ready to send; one lock so that a cold cache reads each once.
+        self._checkpoints: dict[int, CachedCheckpoint] = {}
+        self._plans: dict[tuple[int, int, str], Blob] = {}
+        self._cache_lock = asyncio.Lock()
+        self._sums: dict[int, RunningSum] = {}
+        self._hosts_averaging: dict[int, bool] = {}
         self._clock_wakeup = asyncio.Event()
         self._clock_task: asyncio.Task[None] | None = None
         self._warned_open: set[int] = set()
@@ -949,6 +1002,126 @@ class Federation:
             self._specs[process_id] = state_spec(model)
         return self._specs[process_id]
 
+    # ------------------------------------------------------------ cached bytes
+
+    async def checkpoint_of(
+        self, process_id: int, number: int
+    ) -> CachedCheckpoint | None:
+        """A checkpoint as bytes ready to send; the newest of each process stays.
+
+        Checkpoints never change, so each is read and hashed once however
+        many workers download it; a cold cache after a restart is filled by
+        one reader while the others wait.
+        """
+        cached = self._checkpoints.get(process_id)
+        if cached is not None and cached.number == number:
+            return cached
+        async with self._cache_lock:
+            cached = self._checkpoints.get(process_id)
+            if cached is not None and cached.number == number:
+                return cached
+            found = await self.store.read.checkpoint(process_id, number)
+            if found is None:
+                return None
+            blob = await asyncio.to_thread(Blob.of, found[1])
+            loaded = CachedCheckpoint(found[0], number, blob)
+            if cached is None or number > cached.number:
+                self._checkpoints[process_id] = loaded
+        return loaded
+
+    async def plan_of(self, process_id: int, plan_id: int, suffix: str) -> Blob | None:
+        """A plan (or one of its forms) as bytes ready to send."""
+        key = (process_id, plan_id, suffix)
+        if key not in self._plans:
+            found = await self.store.read.plan(plan_id, process_id, suffix)
+            if found is None:
+                return None
+            self._plans[key] = await asyncio.to_thread(Blob.of, found)
+        return self._plans[key]
+
+    def _forget(self, process_id: int) -> None:
+        """Drop what is cached of a process that was deleted or reset."""
+        self._specs.pop(process_id, None)
+        self._checkpoints.pop(process_id, None)
+        self._hosts_averaging.pop(process_id, None)
+        for key in [key for key in self._plans if key[0] == process_id]:
+            del self._plans[key]
+        for cycle_id, running in list(self._sums.items()):
+            if running.process_id == process_id:
+                running.is_closed = True
+                del self._sums[cycle_id]
+
+    # ------------------------------------------------------------ running sums
+
+    async def _running_sum(self, queries: Queries, cycle: Cycle) -> RunningSum | None:
+        """The cycle's running sum, made on its first report.
+
+        None when the process hosts an averaging plan: those run over the
+        stored diffs at the close.
+        """
+        process_id = cycle.process_id
+        if process_id not in self._hosts_averaging:
+            hosted = await queries.averaging_plan(process_id)
+            self._hosts_averaging[process_id] = hosted is not None
+        if self._hosts_averaging[process_id]:
+            return None
+        running = self._sums.get(cycle.id)
+        if running is None:
+            running = RunningSum(process_id, cycle.checkpoint_number)
+            self._sums[cycle.id] = running
+        return running
+
+    async def _accumulator(self, running: RunningSum) -> Accumulator:
+        cached = await self.checkpoint_of(running.process_id, running.checkpoint_number)
+        assert cached is not None, "an open cycle has its checkpoint"
+        base = await asyncio.to_thread(decode_state, cached.blob.data, copy=False)
+        return await asyncio.to_thread(Accumulator, base)
+
+    async def _add_to_sum(
+        self,
+        running: RunningSum,
+        assignment_id: int,
+        diff: Mapping[str, torch.Tensor],
+        weight: int,
+    ) -> None:
+        """Add a durable diff to its cycle's sum, unless the close came first."""
+        async with running.lock:
+            if running.is_closed or assignment_id in running.included:
+                return
+            try:
+                if running.accumulator is None:
+                    running.accumulator = await self._accumulator(running)
+                await asyncio.to_thread(running.accumulator.add, diff, weight)
+            except Exception:
+                # Half added or not at all: the close rebuilds the sum from
+                # the stored diffs, so nothing acknowledged is lost.
+                cycle_logger.error(
+                    "Adding a diff to the running sum failed", exc_info=True
+                )
+                running.accumulator = None
+                running.included.clear()
+                return
+            running.included.add(assignment_id)
+
+    async def _finish_sum(self, queries: Queries, cycle: Cycle) -> bytearray:
+        """The next checkpoint from the running sum and any diff it lacks."""
+        running = self._sums.pop(cycle.id, None)
+        if running is None:
+            running = RunningSum(cycle.process_id, cycle.checkpoint_number)
+        async with running.lock:
+            running.is_closed = True
+            accumulator = running.accumulator or await self._accumulator(running)
+            running.accumulator = None
+
+        for assignment_id in await queries.report_ids(cycle.id):
+            if assignment_id not in running.included:
+                diff, weight = await queries.report_diff(assignment_id)
+                await asyncio.to_thread(accumulator.add_encoded, diff, weight)
+        spec = [(name, t.dtype, tuple(t.shape)) for name, t in accumulator.base.items()]
+        buffer, views = layout_state(spec)
+        await asyncio.to_thread(accumulator.result, out=views)
+        return buffer
+
     def max_report_bytes(self) -> int:
         """The largest report any hosted process can legitimately send."""
         margin = self.settings.report_margin_bytes
@@ -1040,8 +1213,8 @@ class Federation:
                     }
                 request_key = secrets.token_urlsafe(24)
                 await queries.insert_assignment(cycle.id, worker_id, request_key, now)
-            checkpoint = await queries.checkpoint(process.id, cycle.checkpoint_number)
-            assert checkpoint is not None, f"cycle {cycle.id} has no checkpoint"
+            model_id = await queries.checkpoint_id(process.id, cycle.checkpoint_number)
+            assert model_id is not None, f"cycle {cycle.id} has no checkpoint"
             plans = await queries.plan_ids(process.id)
             protocols = await queries.protocol_ids(process.id)
 
@@ -1056,7 +1229,7 @@ class Federation:
             "request_key": request_key,
             "model": process.name,
             "version": process.version,
-            "model_id": checkpoint[0],
+            "model_id": model_id,
             "cycle": cycle.number,
             "plans": plans,
             "protocols": protocols,
@@ -1156,7 +1329,7 @@ class Federation:
             )
         return assignment
 
-    async def get_model(self, params: Mapping[str, str]) -> bytes:
+    async def get_model(self, params: Mapping[str, str]) -> Blob:
         """The checkpoint an assigned worker trains on, while its cycle is open."""
         assignment = await self._assignment(
             params.get("worker_id"), params.get("request_key")
@@ -1164,20 +1337,18 @@ class Federation:
         cycle = assignment.cycle
         if cycle.closed_at is not None:
             raise self._closed(cycle)
-        found = await self.store.read.checkpoint(
-            cycle.process_id, cycle.checkpoint_number
-        )
+        found = await self.checkpoint_of(cycle.process_id, cycle.checkpoint_number)
         assert found is not None, f"cycle {cycle.id} has no checkpoint"
         model_id = params.get("model_id")
-        if model_id is not None and model_id != str(found[0]):
+        if model_id is not None and model_id != str(found.id):
             # Compared as text: any other value, whatever it holds, is wrong.
             raise not_found(
-                f"model_id {model_id!r:.40} is not this cycle's model ({found[0]})",
+                f"model_id {model_id!r:.40} is not this cycle's model ({found.id})",
                 "model_not_found",
             )
-        return found[1]
+        return found.blob
 
-    async def get_plan(self, params: Mapping[str, str]) -> bytes:
+    async def get_plan(self, params: Mapping[str, str]) -> Blob:
         """A plan of the worker's process, in the form it asks for."""
         assignment = await self._assignment(
             params.get("worker_id"), params.get("request_key")
@@ -1192,8 +1363,8 @@ class Federation:
                 "plan_not_found",
             )
         plan_id = number_param(params, "plan_id")
-        plan = await self.store.read.plan(
-            plan_id, assignment.cycle.process_id, PLAN_FORMS[form]
+        plan = await self.plan_of(
+            assignment.cycle.process_id, plan_id, PLAN_FORMS[form]
         )
         if plan is None:
             raise not_found(
@@ -1220,12 +1391,14 @@ class Federation:
         cycle = assignment.cycle
 
         # Validation decodes the whole diff, so it runs before the write lock
-        # is taken; a retry of an accepted report skips it.
+        # is taken; a retry of an accepted report skips it. The tensors map
+        # the received body, and go into the running sum once stored.
+        tensors = None
         if await self.store.read.report_of(assignment.id) is None:
             if cycle.closed_at is not None:
                 raise self._closed(cycle)
             spec = await self._spec(cycle.process_id)
-            await asyncio.to_thread(check_diff, diff_bytes, spec)
+            tensors = await asyncio.to_thread(check_diff, diff_bytes, spec)
 
         async with self.store.transaction() as queries:
             previous = await queries.report_of(assignment.id)
@@ -1237,7 +1410,7 @@ class Federation:
                     )
                 return {"status": "success", "cycle": cycle.number, "duplicate": True}
             current = await queries.cycle(cycle.id)
-            if current is None or current.closed_at is not None:
+            if current is None or current.closed_at is not None or tensors is None:
                 raise self._closed(cycle)
             process = await queries.process_by_id(cycle.process_id)
             max_diffs = process.server_config["max_diffs"]
@@ -1254,6 +1427,9 @@ class Federation:
                 assignment, diff_bytes, digest, num_samples, metrics, time.time()
             )
             count += 1
+            running = await self._running_sum(queries, cycle)
+        if running is not None:
+            await self._add_to_sum(running, assignment.id, tensors, num_samples)
         http_logger.debug(
             "Report for cycle %d of %s accepted: %d bytes, %d samples",
             cycle.number,
@@ -1302,23 +1478,25 @@ class Federation:
             if cycle is None or cycle.closed_at is not None:
                 return False
             process = await queries.process_by_id(cycle.process_id)
-            base = await queries.checkpoint(process.id, cycle.checkpoint_number)
-            assert base is not None, f"cycle {cycle.id} has no checkpoint"
             count = 0 if discard else await queries.report_count(cycle.id)
             if count == 0 and not discard:
                 return False
-            new_state, error = None, None
+            encoded, error = None, None
             if count:
-                new_state, error = await self._average(queries, process, cycle, base)
+                encoded, error = await self._average(queries, process, cycle)
+            else:
+                running = self._sums.pop(cycle.id, None)
+                if running is not None:
+                    running.is_closed = True
 
             now = time.time()
-            checkpoint_number = cycle.checkpoint_number
-            if new_state is not None:
+            checkpoint_number, checkpoint_id = cycle.checkpoint_number, 0
+            if encoded is not None:
                 checkpoint_number += 1
-                await queries.insert_checkpoint(
-                    process.id, checkpoint_number, encode_state(new_state), now
+                checkpoint_id = await queries.insert_checkpoint(
+                    process.id, checkpoint_number, encoded, now
                 )
-            await queries.close_cycle(cycle.id, now, 0 if new_state is None else count)
+            await queries.close_cycle(cycle.id, now, 0 if encoded is None else count)
             if error is not None:
                 await queries.set_averaging_error(cycle.id, error)
             if not self.settings.keep_diffs:
@@ -1337,6 +1515,11 @@ class Federation:
                 )
 
         self._clock_wakeup.set()
+        if encoded is not None:
+            # The next cycle's workers download this: it is served from here.
+            blob = await asyncio.to_thread(Blob.of, encoded)
+            cached = CachedCheckpoint(checkpoint_id, checkpoint_number, blob)
+            self._checkpoints[process.id] = cached
         if error is not None:
             cycle_logger.warning(
                 "Cycle %d of %s closed without a new checkpoint: %s",
@@ -1370,32 +1553,35 @@ class Federation:
         return True
 
     async def _average(
-        self, queries: Queries, process: Process, cycle: Cycle, base: tuple[int, bytes]
-    ) -> tuple[dict[str, torch.Tensor] | None, str | None]:
-        """``(next checkpoint, None)``, or ``(None, why)`` if the averaging plan fails.
+        self, queries: Queries, process: Process, cycle: Cycle
+    ) -> tuple[bytes | bytearray | None, str | None]:
+        """``(next checkpoint, None)``, or ``(None, why)`` if averaging fails.
 
-        The diffs are read from the store as many times as the aggregator
+        The built-in mean finishes the cycle's running sum. A hosted plan
+        reads the diffs from the store, one at a time, as many times as it
         asks (a cycle plan over a large model reads them in windows).
         """
-        state = await asyncio.to_thread(decode_state, base[1], copy=False)
         hosted = await queries.averaging_plan(process.id)
-        limit = self.settings.max_plan_memory_bytes
         try:
-            averaging = None
-            if hosted is not None:
-                averaging = await asyncio.to_thread(
-                    load_averaging_plan,
-                    hosted,
-                    state_spec(state),
-                    max_memory_bytes=limit,
-                )
+            if hosted is None:
+                return await self._finish_sum(queries, cycle), None
+            cached = await self.checkpoint_of(process.id, cycle.checkpoint_number)
+            assert cached is not None, f"cycle {cycle.id} has no checkpoint"
+            state = await asyncio.to_thread(decode_state, cached.blob.data, copy=False)
+            averaging = await asyncio.to_thread(
+                load_averaging_plan,
+                hosted,
+                state_spec(state),
+                max_memory_bytes=self.settings.max_plan_memory_bytes,
+            )
             aggregator = make_aggregator(state, averaging)
             for index in range(aggregator.passes):
                 aggregator.begin_pass(index)
                 async for diff, num_samples in queries.reports(cycle.id):
                     await asyncio.to_thread(aggregator.add_encoded, diff, num_samples)
                 await asyncio.to_thread(aggregator.end_pass)
-            return await asyncio.to_thread(aggregator.result), None
+            new_state = await asyncio.to_thread(aggregator.result)
+            return await asyncio.to_thread(encode_state, new_state), None
         except (AggregationError, PlanError) as exc:
             return None, str(exc)
 
@@ -1457,7 +1643,7 @@ class Federation:
 
     # ------------------------------------------------------------ admin reads
 
-    async def retrieve(self, params: Mapping[str, str]) -> bytes:
+    async def retrieve(self, params: Mapping[str, str]) -> Blob:
         """A checkpoint of a process by number, or the latest one."""
         process = await self.find_process(params.get("name"), params.get("version"))
         wanted = params.get("checkpoint", "latest")
@@ -1467,7 +1653,10 @@ class Federation:
             raise not_found(
                 f"{process.label} has no checkpoint {wanted}", "checkpoint_not_found"
             )
-        return found[1]
+        cached = self._checkpoints.get(process.id)
+        if cached is not None and cached.id == found[0]:
+            return cached.blob
+        return await asyncio.to_thread(Blob.of, found[1])
 
     async def status(self, *, is_admin: bool = False) -> dict[str, Any]:
         """What is hosted and how far each process has got.
@@ -1512,7 +1701,7 @@ class Federation:
         )
         async with self.store.transaction() as queries:
             await queries.delete_process(process.id)
-        self._specs.pop(process.id, None)
+        self._forget(process.id)
         self._warned_open.discard(process.id)
         self._clock_wakeup.set()
         logger.info("Process %s deleted", process.label)
@@ -1529,6 +1718,7 @@ class Federation:
             await queries.insert_cycle(
                 process.id, 1, 1, now, now + process.server_config["cycle_length"]
             )
+        self._forget(process.id)
         self._clock_wakeup.set()
         logger.info("Process %s reset to checkpoint 1", process.label)
         return {"status": "success"}
@@ -1549,10 +1739,6 @@ def public_server_config(config: dict[str, Any]) -> dict[str, Any]:
 def respond(request: Request, payload: Any, status: int = 200) -> Response:
     body, media_type = encode_body(payload, as_json=wants_json(request))
     return Response(body, status_code=status, media_type=media_type)
-
-
-def raw_response(data: bytes) -> Response:
-    return Response(data, media_type=CBOR_TYPE)
 
 
 def federation_of(request: Request) -> Federation:
@@ -1585,7 +1771,7 @@ async def body_chunks(request: Request, idle_timeout_s: float) -> AsyncIterator[
         yield chunk
 
 
-async def read_body(request: Request, limit: int, idle_timeout_s: float) -> bytes:
+async def read_body(request: Request, limit: int, idle_timeout_s: float) -> bytearray:
     """Read a request body into one buffer, refusing it past ``limit`` bytes.
 
     Raises:
@@ -1603,29 +1789,53 @@ async def read_body(request: Request, limit: int, idle_timeout_s: float) -> byte
             "uncompressed",
         )
     declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
+    size = int(declared) if declared is not None and declared.isdigit() else None
+    if size is not None and size > limit:
         raise ApiError(
             413,
             "payload_too_large",
             f"body of {declared} bytes is over this route's limit of {limit} bytes",
         )
-    buffer = bytearray()
-    async for chunk in body_chunks(request, idle_timeout_s):
-        buffer += chunk
-        if len(buffer) > limit:
-            raise ApiError(
-                413,
-                "payload_too_large",
-                f"body is over this route's limit of {limit} bytes",
-            )
-    return bytes(buffer)
+    if size is None:
+        buffer = bytearray()
+        async for chunk in body_chunks(request, idle_timeout_s):
+            buffer += chunk
+            if len(buffer) > limit:
+                raise ApiError(
+                    413,
+                    "payload_too_large",
+                    f"body is over this route's limit of {limit} bytes",
+                )
+        return buffer
+
+    # The declared length is within the limit: one buffer of that size is
+    # filled in place, never grown or copied (the server rejects a body
+    # that runs past its Content-Length before it gets here).
+    buffer = bytearray(size)
+    received = 0
+    with memoryview(buffer) as view:
+        async for chunk in body_chunks(request, idle_timeout_s):
+            if received + len(chunk) > size:
+                raise bad_request(
+                    f"body runs past its declared {size} bytes", "invalid_body"
+                )
+            view[received : received + len(chunk)] = chunk
+            received += len(chunk)
+    if received != size:
+        raise bad_request(
+            f"body ended after {received} of its {size} declared bytes",
+            "invalid_body",
+        )
+    return buffer
 
 
-async def message(request: Request, limit: int) -> dict[Any, Any]:
+async def message(
+    request: Request, limit: int, *, views: bool = False
+) -> dict[Any, Any]:
     """Read and decode a control message, which must be a map."""
     idle_timeout_s = federation_of(request).settings.body_idle_timeout_s
     data = await read_body(request, limit, idle_timeout_s)
-    body = decode_body(data, request.headers.get("content-type", ""))
+    body = decode_body(data, request.headers.get("content-type", ""), views=views)
     if not isinstance(body, dict):
         raise bad_request(
             f"body must be a map; got {type(body).__name__}", "invalid_body"
@@ -1638,33 +1848,56 @@ def control(
     *,
     is_admin: bool = False,
     limit: Callable[[Federation], int] = lambda f: f.settings.max_message_bytes,
+    views: bool = False,
 ) -> Callable[[Request], Awaitable[Response]]:
-    """A route that decodes one control message and answers what ``action`` says."""
+    """A route that decodes one control message and answers what ``action`` says.
+
+    ``views`` keeps the message's byte strings as views of the body read.
+    """
 
     async def handler(request: Request) -> Response:
         federation = federation_of(request)
         if is_admin:
             await federation.check_admin(request.headers.get("authorization"))
-        body = await message(request, limit(federation))
+        body = await message(request, limit(federation), views=views)
         return respond(request, await action(federation, body))
 
     return handler
 
 
+class BlobResponse(Response):
+    """Cached bytes sent as they are: every download shares one buffer."""
+
+    media_type = CBOR_TYPE
+
+    def render(self, content: Any) -> bytes | memoryview:
+        return b"" if content is None else content  # type: ignore[no-any-return]
+
+
+def blob_response(request: Request, blob: Blob) -> Response:
+    """The blob, or 304 with no body when the client already holds it."""
+    headers = {"ETag": blob.etag, "Cache-Control": "no-cache"}
+    held = request.headers.get("if-none-match", "")
+    tags = {tag.strip().removeprefix("W/") for tag in held.split(",")}
+    if blob.etag in tags or "*" in tags:
+        return Response(status_code=304, headers=headers)
+    return BlobResponse(blob.data, headers=headers)
+
+
 async def get_model(request: Request) -> Response:
     federation = federation_of(request)
-    return raw_response(await federation.get_model(request.query_params))
+    return blob_response(request, await federation.get_model(request.query_params))
 
 
 async def get_plan(request: Request) -> Response:
     federation = federation_of(request)
-    return raw_response(await federation.get_plan(request.query_params))
+    return blob_response(request, await federation.get_plan(request.query_params))
 
 
 async def retrieve_model(request: Request) -> Response:
     federation = federation_of(request)
     await federation.check_admin(request.headers.get("authorization"))
-    return raw_response(await federation.retrieve(request.query_params))
+    return blob_response(request, await federation.retrieve(request.query_params))
 
 
 async def status(request: Request) -> Response:
@@ -1793,7 +2026,7 @@ def create_app(settings: Settings) -> Starlette:
     host_training = control(
         Federation.host, is_admin=True, limit=lambda f: f.settings.max_host_bytes
     )
-    report = control(Federation.report, limit=Federation.max_report_bytes)
+    report = control(Federation.report, limit=Federation.max_report_bytes, views=True)
     routes = [
         Route(f"{prefix}/host-training", host_training, methods=["POST"]),
         Route(

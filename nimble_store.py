@@ -261,9 +261,9 @@ class Queries:
     # ------------------------------------------------------------ checkpoints
 
     async def insert_checkpoint(
-        self, process_id: int, number: int, value: bytes, now: float
-    ) -> None:
-        await self._run(
+        self, process_id: int, number: int, value: bytes | bytearray, now: float
+    ) -> int:
+        return await self._run(
             "INSERT INTO checkpoints (process_id, number, value, created_at) "
             "VALUES (?, ?, ?, ?)",
             (process_id, number, value, now),
@@ -285,6 +285,14 @@ class Queries:
                 (process_id, number),
             )
         return None if row is None else (row["id"], bytes(row["value"]))
+
+    async def checkpoint_id(self, process_id: int, number: int) -> int | None:
+        """The id of a checkpoint, without reading its value."""
+        row = await self._one(
+            "SELECT id FROM checkpoints WHERE process_id = ? AND number = ?",
+            (process_id, number),
+        )
+        return None if row is None else int(row["id"])
 
     async def largest_model_bytes(self) -> int:
         row = await self._one(
@@ -465,7 +473,7 @@ class Queries:
     async def insert_report(
         self,
         assignment: Assignment,
-        diff: bytes,
+        diff: bytes | memoryview,
         digest: bytes,
         num_samples: int,
         metrics: dict[str, float],
@@ -494,6 +502,22 @@ class Queries:
             "SELECT count(*) AS n FROM reports WHERE cycle_id = ?", (cycle_id,)
         )
         return int(row["n"])
+
+    async def report_ids(self, cycle_id: int) -> list[int]:
+        """The assignment ids of a cycle's reports, in assignment order."""
+        rows = await self._all(
+            "SELECT assignment_id FROM reports WHERE cycle_id = ? ORDER BY rowid",
+            (cycle_id,),
+        )
+        return [int(row["assignment_id"]) for row in rows]
+
+    async def report_diff(self, assignment_id: int) -> tuple[bytes, int]:
+        """``(diff, num_samples)`` of one report."""
+        row = await self._one(
+            "SELECT diff, num_samples FROM reports WHERE assignment_id = ?",
+            (assignment_id,),
+        )
+        return bytes(row["diff"]), int(row["num_samples"])
 
     async def reports(self, cycle_id: int) -> AsyncIterator[tuple[bytes, int]]:
         """``(diff, num_samples)`` of each report of a cycle, one at a time."""

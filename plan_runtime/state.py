@@ -38,6 +38,7 @@ __all__ = [
     "decode_tensor",
     "encode_state",
     "encode_tensor",
+    "layout_state",
     "load_views",
     "state_spec",
 ]
@@ -435,6 +436,75 @@ def encode_state(state: Mapping[str, torch.Tensor] | Sequence[torch.Tensor]) -> 
         tensors.append({"name": str(name), "value": encode_tensor(tensor)})
     document = {"format": STATE_FORMAT, "version": STATE_VERSION, "tensors": tensors}
     return cbor2.dumps(document)
+
+
+def _head(major: int, value: int) -> bytes:
+    """A CBOR item header: the major type and its argument, shortest form."""
+    if value < 24:
+        return bytes([major << 5 | value])
+    for info, size in ((24, 1), (25, 2), (26, 4), (27, 8)):
+        if value < 1 << (8 * size):
+            return bytes([major << 5 | info]) + value.to_bytes(size, "big")
+    raise StateError(f"CBOR argument {value} does not fit in 64 bits")
+
+
+def layout_state(
+    spec: Sequence[tuple[str, torch.dtype, Sequence[int]]],
+) -> tuple[bytearray, dict[str, torch.Tensor]]:
+    """Lay out a state document for ``spec`` and hand out its tensors to fill.
+
+    Returns the whole document in one buffer and, per name, a tensor that
+    is a view of that tensor's bytes inside it: whatever is written into
+    the views (``torch.sub(a, b, out=view)``) is the encoded document,
+    without building the tensors first and copying them in. The buffer
+    must outlive the views. Little-endian hosts only (every current one);
+    :func:`encode_state` works everywhere.
+
+    Raises:
+        StateError: a dtype has no wire form.
+    """
+    assert sys.byteorder == "little", "layout_state writes little-endian bytes"
+    # The document's map has three entries; the first two are small, the
+    # third is the list of tensors, whose byte strings are left to fill.
+    first = cbor2.dumps({"format": STATE_FORMAT, "version": STATE_VERSION})
+    head = _head(5, 3) + first[1:] + cbor2.dumps("tensors") + _head(4, len(spec))
+    parts: list[bytes | int] = [head]
+    for name, dtype, shape in spec:
+        size = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+        head = _head(5, 2) + cbor2.dumps("name") + cbor2.dumps(str(name))
+        head += cbor2.dumps("value")
+        tag = _TAG_BY_DTYPE.get(dtype)
+        if tag is not None:
+            head += _head(6, 40) + _head(4, 2) + cbor2.dumps(list(shape))
+            head += _head(6, tag)
+        elif DTYPE_NAMES.get(dtype) in _NAMED_DTYPES:
+            head += _head(5, 3) + cbor2.dumps("dtype")
+            head += cbor2.dumps(DTYPE_NAMES[dtype]) + cbor2.dumps("shape")
+            head += cbor2.dumps(list(shape)) + cbor2.dumps("data")
+        else:
+            raise StateError(f"dtype {dtype} has no wire form")
+        parts += [head + _head(2, size), size]
+
+    total = sum(part if isinstance(part, int) else len(part) for part in parts)
+    buffer = bytearray(total)
+    offsets, position = [], 0
+    for part in parts:
+        if isinstance(part, int):
+            offsets.append(position)
+            position += part
+        else:
+            buffer[position : position + len(part)] = part
+            position += len(part)
+
+    views = {}
+    for (name, dtype, shape), offset in zip(spec, offsets):
+        count = math.prod(shape)
+        if count == 0:
+            views[str(name)] = torch.empty(list(shape), dtype=dtype)
+            continue
+        flat = torch.frombuffer(buffer, dtype=dtype, count=count, offset=offset)
+        views[str(name)] = flat.reshape(list(shape))
+    return buffer, views
 
 
 # ---------------------------------------------------------------- decoding
