@@ -279,6 +279,20 @@ def fill(directory: Path, leave_bytes: int) -> Path:
     return filler
 
 
+def truncate_wal(db_path: Path) -> None:
+    """Copy the WAL into the database file and cut it to zero bytes."""
+    db = sqlite3.connect(db_path)
+    try:
+        for _ in range(50):
+            busy, _, _ = db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+            if not busy:
+                break
+            time.sleep(0.1)
+    finally:
+        db.close()
+    assert Path(f"{db_path}-wal").stat().st_size == 0
+
+
 def test_full_disk_refuses_the_report_with_507_and_stores_nothing(
     tmp_path, plan, small_disk
 ):
@@ -288,6 +302,9 @@ def test_full_disk_refuses_the_report_with_507_and_stores_nothing(
         name = host(server, plan, model=model, max_diffs=2)
         _, keys = assigned(server, name)
         body = report_body(keys, [torch.ones(500, 500), torch.ones(500)])
+        # The server reuses a copied WAL from its start, so a report fits in
+        # the space the host upload left there; emptied, it must grow.
+        truncate_wal(small_disk / "edge.sqlite")
         filler = fill(small_disk, leave_bytes=64 * 1024)
 
         full = httpx.post(
