@@ -29,7 +29,11 @@ memory that does not grow with the number of diffs (compare ``--diffs 25``).
 from __future__ import annotations
 
 import argparse
+import ctypes
+import ctypes.util
+import gc
 import json
+import math
 import os
 import subprocess
 import sys
@@ -77,7 +81,11 @@ def timed(work: Callable[[], Any], repeat: int) -> float:
     return best
 
 
-def child_floor(diffs: int, repeat: int) -> float:
+# Each child builds its inputs, then hands back the work to time: the peak
+# is measured from there, so inputs (and imported libraries) never count.
+
+
+def child_floor(diffs: int) -> Callable[[], Any]:
     pool = numpy_pool(1)
     total = [layer.copy() for layer in pool[0]]
 
@@ -86,10 +94,10 @@ def child_floor(diffs: int, repeat: int) -> float:
             for layer, diff in zip(total, pool[index % POOL]):
                 layer += diff
 
-    return timed(work, repeat)
+    return work
 
 
-def child_numpy(diffs: int, repeat: int) -> float:
+def child_numpy(diffs: int) -> Callable[[], Any]:
     import numpy as np
 
     pool = numpy_pool(1)
@@ -100,10 +108,10 @@ def child_numpy(diffs: int, repeat: int) -> float:
             for layer, diff in zip(total, pool[index % POOL]):
                 layer += diff * (index + 1)
 
-    return timed(work, repeat)
+    return work
 
 
-def child_flower(kind: str, diffs: int, repeat: int) -> float:
+def child_flower(kind: str, diffs: int) -> Callable[[], Any]:
     import numpy as np
     from flwr.common import Code, FitRes, Status, ndarrays_to_parameters
     from flwr.common import parameters_to_ndarrays as to_arrays
@@ -113,25 +121,24 @@ def child_flower(kind: str, diffs: int, repeat: int) -> float:
     weights = [index + 1 for index in range(diffs)]
     if kind == "aggregate":
         results = [(pool[i % POOL], weights[i]) for i in range(diffs)]
-        return timed(lambda: aggregate(results), repeat)
+        return lambda: aggregate(results)
 
     ok = Status(code=Code.OK, message="")
     encoded = [ndarrays_to_parameters(arrays) for arrays in pool]
+    del pool
     fits = [(None, FitRes(ok, encoded[i % POOL], weights[i], {})) for i in range(diffs)]
     if kind == "aggregate_inplace":
-        return timed(lambda: aggregate_inplace(fits), repeat)  # type: ignore[arg-type]
-    # FedAvg without inplace: every result decoded, then averaged.
+        # What FedAvg runs by default (inplace=True).
+        return lambda: aggregate_inplace(fits)  # type: ignore[arg-type]
+    # FedAvg with inplace=False: every result decoded, then averaged.
     assert kind == "decode+aggregate"
     np.seterr(all="ignore")
-    return timed(
-        lambda: aggregate(
-            [(to_arrays(fit.parameters), fit.num_examples) for _, fit in fits]
-        ),
-        repeat,
+    return lambda: aggregate(
+        [(to_arrays(fit.parameters), fit.num_examples) for _, fit in fits]
     )
 
 
-def child_ours(kind: str, diffs: int, repeat: int, tuned: bool) -> float:
+def child_ours(kind: str, diffs: int, tuned: bool) -> Callable[[], Any]:
     import torch
 
     sys.path.insert(0, str(ROOT))
@@ -143,59 +150,54 @@ def child_ours(kind: str, diffs: int, repeat: int, tuned: bool) -> float:
         tune_runtime(1, 256 * MIB)
     else:
         torch.set_num_threads(2)
-    arrays = numpy_pool(1)
     names = [f"layer{i}" for i in range(len(SHAPES))]
     pool = [
-        {name: torch.from_numpy(a) for name, a in zip(names, diff)} for diff in arrays
+        {name: torch.from_numpy(a) for name, a in zip(names, diff)}
+        for diff in numpy_pool(1)
     ]
     base = {name: torch.zeros(shape) for name, shape in zip(names, SHAPES)}
     spec = [(name, torch.float32, shape) for name, shape in zip(names, SHAPES)]
+    # As the report route holds them: each body in one writable buffer, as
+    # received, whose tensors are decoded as views.
+    documents = [bytearray(encode_state(diff)) for diff in pool]
     if kind == "encoded":
-        documents = [encode_state(diff) for diff in pool]
-        del pool, arrays
-    reset_peak()
+        del pool
 
     def work() -> None:
         accumulator = Accumulator(base)
         for index in range(diffs):
             if kind == "encoded":
-                # As the report route does: the body lands in one buffer,
-                # and the tensors are views of it.
-                body = bytearray(documents[index % POOL])
-                accumulator.add(decode_state(body, copy=False), index + 1)
-                del body
+                diff = decode_state(documents[index % POOL], copy=False)
             else:
-                accumulator.add(pool[index % POOL], index + 1)
+                diff = pool[index % POOL]
+            accumulator.add(diff, index + 1)
         _, views = layout_state(spec)
         accumulator.result(out=views)
 
-    return timed(work, repeat)
+    return work
 
 
 def run_child(args: argparse.Namespace) -> None:
-    name, diffs, repeat = args.child, args.diffs, args.repeat
-    baseline = rss_bytes("VmRSS")
-    if name not in ("ours", "ours-untuned", "ours-encoded"):
-        # numpy children build their inputs inside; the pool is measured
-        # apart and subtracted below.
-        reset_peak()
+    name, diffs = args.child, args.diffs
     if name == "floor":
-        seconds = child_floor(diffs, repeat)
+        work = child_floor(diffs)
     elif name == "numpy":
-        seconds = child_numpy(diffs, repeat)
+        work = child_numpy(diffs)
     elif name.startswith("flower:"):
-        seconds = child_flower(name.split(":", 1)[1], diffs, repeat)
+        work = child_flower(name.split(":", 1)[1], diffs)
     else:
         kind = "encoded" if name == "ours-encoded" else "memory"
-        seconds = child_ours(kind, diffs, repeat, tuned=name != "ours-untuned")
-        baseline = None
+        work = child_ours(kind, diffs, tuned=name != "ours-untuned")
+
+    # Freed input-building memory goes back to the system first, so that
+    # the peak above the baseline is what the work itself holds.
+    gc.collect()
+    ctypes.CDLL(ctypes.util.find_library("c")).malloc_trim(0)
+    baseline = rss_bytes("VmRSS")
+    reset_peak()
+    seconds = timed(work, args.repeat)
     peak = rss_bytes("VmHWM")
-    current = rss_bytes("VmRSS")
-    print(
-        json.dumps(
-            {"seconds": seconds, "peak": peak, "rss": current, "baseline": baseline}
-        )
-    )
+    print(json.dumps({"seconds": seconds, "peak": peak, "baseline": baseline}))
 
 
 # ---------------------------------------------------------------- parent
@@ -220,12 +222,6 @@ def measure(python: str, name: str, diffs: int, repeat: int) -> dict[str, Any]:
     return result
 
 
-def pool_bytes() -> int:
-    import math
-
-    return POOL * sum(math.prod(shape) for shape in SHAPES) * 4
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--diffs", type=int, default=100)
@@ -237,7 +233,7 @@ def main() -> None:
         run_child(args)
         return
 
-    model_bytes = sum(__import__("math").prod(shape) for shape in SHAPES) * 4
+    model_bytes = sum(math.prod(shape) for shape in SHAPES) * 4
     diffs = args.diffs
     flower = args.flower_python
     if flower:
@@ -284,9 +280,7 @@ def main() -> None:
             continue
         result = measure(python, name, diffs, args.repeat)
         seconds = result["seconds"]
-        extra = result["peak"] - (result["baseline"] or 0)
-        if result["baseline"] is not None:
-            extra -= pool_bytes()
+        extra = result["peak"] - result["baseline"]
         print(
             f"{label:<52} {seconds:>7.3f} {seconds / diffs * 1e3:>8.1f} "
             f"{seconds / floor:>7.2f}x {extra / 1e6:>8.0f}"

@@ -422,30 +422,71 @@ def _named_tensors(
 def encode_state(state: Mapping[str, torch.Tensor] | Sequence[torch.Tensor]) -> bytes:
     """Encode named tensors (a state dict) or a list of tensors as one document.
 
-    A list gets the names ``"0"``, ``"1"``, ... in its order.
+    A list gets the names ``"0"``, ``"1"``, ... in its order. Each tensor's
+    bytes start at a multiple of 8 from the document's start (see
+    :func:`layout_state`), so that a receiver can map them in place.
 
     Raises:
         StateError: a value is not a tensor, or has a dtype with no wire form.
     """
-    tensors = []
+    named = []
     for name, tensor in _named_tensors(state):
         if not isinstance(tensor, torch.Tensor):
             raise StateError(
                 f"state entry {name!r} must be a tensor; got {type(tensor).__name__}"
             )
-        tensors.append({"name": str(name), "value": encode_tensor(tensor)})
-    document = {"format": STATE_FORMAT, "version": STATE_VERSION, "tensors": tensors}
-    return cbor2.dumps(document)
+        named.append((str(name), tensor.detach()))
+    if sys.byteorder != "little":
+        tensors = [{"name": n, "value": encode_tensor(t)} for n, t in named]
+        document = {"format": STATE_FORMAT, "version": STATE_VERSION}
+        return cbor2.dumps({**document, "tensors": tensors})
+
+    buffer, views = layout_state([(n, t.dtype, tuple(t.shape)) for n, t in named])
+    for name, tensor in named:
+        views[name].copy_(tensor)
+    return bytes(buffer)
 
 
-def _head(major: int, value: int) -> bytes:
-    """A CBOR item header: the major type and its argument, shortest form."""
-    if value < 24:
+# Every tensor's bytes start at a multiple of this from the document's start:
+# enough for any dtype, so that decoding maps them instead of copying.
+ALIGN_BYTES = 8
+
+# The argument widths a CBOR head may have after its first byte, and the
+# additional information that announces each width.
+_WIDTHS = (0, 1, 2, 4, 8)
+_WIDTH_INFO = {1: 24, 2: 25, 4: 26, 8: 27}
+
+# Padding for each remainder: extra bytes given to the heads of a tensor's
+# entry map, its "name" key and its "value" key (each 1 byte at its
+# shortest, so 1, 2 or 4 more are possible), in that order.
+_PADDING = {
+    0: (0, 0, 0),
+    1: (1, 0, 0),
+    2: (2, 0, 0),
+    3: (1, 2, 0),
+    4: (4, 0, 0),
+    5: (1, 4, 0),
+    6: (2, 4, 0),
+    7: (1, 2, 4),
+}
+
+
+def _head(major: int, value: int, extra: int = 0) -> bytes:
+    """A CBOR item header: the shortest form, or ``extra`` (1, 2, 4) bytes longer.
+
+    A head longer than needed is valid CBOR (RFC 8949 prefers the shortest,
+    and decoders read every form); :func:`layout_state` pads with it. Only a
+    head whose shortest form is one byte (an argument below 24) is padded.
+    """
+    if extra:
+        assert value < 24 and extra in (1, 2, 4), "only one-byte heads are padded"
+        return bytes([major << 5 | _WIDTH_INFO[extra]]) + value.to_bytes(extra, "big")
+    width = next((w for w in _WIDTHS if value < (24 if w == 0 else 1 << 8 * w)), -1)
+    if width < 0:
+        raise StateError(f"CBOR argument {value} does not fit in 64 bits")
+    if width == 0:
         return bytes([major << 5 | value])
-    for info, size in ((24, 1), (25, 2), (26, 4), (27, 8)):
-        if value < 1 << (8 * size):
-            return bytes([major << 5 | info]) + value.to_bytes(size, "big")
-    raise StateError(f"CBOR argument {value} does not fit in 64 bits")
+    return bytes([major << 5 | _WIDTH_INFO[width]]) + value.to_bytes(width, "big")
 
 
 def layout_state(
@@ -460,6 +501,10 @@ def layout_state(
     must outlive the views. Little-endian hosts only (every current one);
     :func:`encode_state` works everywhere.
 
+    Each tensor's bytes start at a multiple of :data:`ALIGN_BYTES` from the
+    document's start: where needed, the small heads of its entry are
+    written longer than their shortest form.
+
     Raises:
         StateError: a dtype has no wire form.
     """
@@ -469,24 +514,31 @@ def layout_state(
     first = cbor2.dumps({"format": STATE_FORMAT, "version": STATE_VERSION})
     head = _head(5, 3) + first[1:] + cbor2.dumps("tensors") + _head(4, len(spec))
     parts: list[bytes | int] = [head]
+    position = len(head)
     for name, dtype, shape in spec:
         size = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
-        head = _head(5, 2) + cbor2.dumps("name") + cbor2.dumps(str(name))
-        head += cbor2.dumps("value")
         tag = _TAG_BY_DTYPE.get(dtype)
         if tag is not None:
-            head += _head(6, 40) + _head(4, 2) + cbor2.dumps(list(shape))
-            head += _head(6, tag)
+            value = _head(6, 40) + _head(4, 2) + cbor2.dumps(list(shape))
+            value += _head(6, tag)
         elif DTYPE_NAMES.get(dtype) in _NAMED_DTYPES:
-            head += _head(5, 3) + cbor2.dumps("dtype")
-            head += cbor2.dumps(DTYPE_NAMES[dtype]) + cbor2.dumps("shape")
-            head += cbor2.dumps(list(shape)) + cbor2.dumps("data")
+            value = _head(5, 3) + cbor2.dumps("dtype")
+            value += cbor2.dumps(DTYPE_NAMES[dtype]) + cbor2.dumps("shape")
+            value += cbor2.dumps(list(shape)) + cbor2.dumps("data")
         else:
             raise StateError(f"dtype {dtype} has no wire form")
-        parts += [head + _head(2, size), size]
+        value += _head(2, size)
 
-    total = sum(part if isinstance(part, int) else len(part) for part in parts)
-    buffer = bytearray(total)
+        # Shortest, the entry is: map head, "name", the name, "value", value.
+        name_bytes = cbor2.dumps(str(name))
+        shortest = 1 + 5 + len(name_bytes) + 6 + len(value)
+        pad = _PADDING[-(position + shortest) % ALIGN_BYTES]
+        head = _head(5, 2, pad[0]) + _head(3, 4, pad[1]) + b"name" + name_bytes
+        head += _head(3, 5, pad[2]) + b"value" + value
+        parts += [head, size]
+        position += len(head) + size
+
+    buffer = bytearray(position)
     offsets, position = [], 0
     for part in parts:
         if isinstance(part, int):

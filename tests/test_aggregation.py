@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import nimble_edge
 from plan_runtime import aggregation
@@ -166,3 +167,23 @@ def test_plan_that_yields_infinity_is_an_aggregation_error():
 def test_trim_outside_its_range_is_refused():
     with pytest.raises(ValueError, match=r"trim must be in \[0, 0.5\); got 0.5"):
         trimmed_mean_plan(4, trim=0.5)
+
+
+@given(
+    st.sampled_from([torch.float32, torch.float16, torch.bfloat16, torch.float64]),
+    st.integers(0, 3 * aggregation.FINITE_CHUNK),
+    st.sampled_from([float("nan"), float("inf"), float("-inf")]),
+)
+@settings(max_examples=40, deadline=None)
+def test_is_finite_finds_one_bad_value_anywhere(dtype, index, bad):
+    tensor = torch.full((3 * aggregation.FINITE_CHUNK + 1,), 1e4, dtype=dtype)
+    tensor[index] = bad
+
+    assert not aggregation.is_finite(tensor)
+    assert aggregation.is_finite(tensor.nan_to_num(0.0, 0.0, 0.0))
+
+
+def test_is_finite_does_not_mistake_large_float64_values_for_overflow():
+    tensor = torch.full((10,), 1.7e308, dtype=torch.float64)
+
+    assert aggregation.is_finite(tensor)

@@ -47,6 +47,24 @@ def test_zero_copy_decoding_gives_the_same_values(tensor):
     assert torch.equal(decoded, tensor)
 
 
+@given(states())
+def test_every_tensor_is_aligned_and_decoded_in_place(state):
+    # A bytearray's buffer is 16-aligned, as the server's body buffer is.
+    document = bytearray(encode_state(state))
+    start = torch.frombuffer(document, dtype=torch.uint8).data_ptr()
+
+    decoded = decode_state(document, copy=False)
+
+    for name, tensor in decoded.items():
+        if tensor.numel():
+            offset = tensor.data_ptr() - start
+            assert 0 <= offset < len(document), f"{name!r} was copied"
+            assert offset % 8 == 0
+        assert torch.equal(tensor, state[name])
+    tensors = cbor2.loads(bytes(document))["tensors"]
+    assert [entry["name"] for entry in tensors] == list(state)
+
+
 def test_list_state_is_named_by_position():
     decoded = decode_state(encode_state([torch.ones(2), torch.zeros(3)]))
 
