@@ -176,7 +176,7 @@ def is_finite(tensor: torch.Tensor) -> bool:
     """
     if not tensor.is_floating_point() or tensor.numel() == 0:
         return True
-    for chunk in tensor.reshape(-1).split(FINITE_CHUNK):
+    for chunk in torch.split(tensor.reshape(-1), FINITE_CHUNK):
         if tensor.dtype == torch.float64:
             is_ok = bool(torch.isfinite(chunk).all())
         else:
