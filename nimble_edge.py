@@ -63,7 +63,7 @@ import jwt
 import torch
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
@@ -74,7 +74,9 @@ from nimble_store import (  # Store and its helpers: importable from here too
     Queries,
     StorageError,
     Store,
+    WorkerAssignment,
     migration_files,  # noqa: F401
+    process_gone,
     split_sql,  # noqa: F401
 )
 from plan_runtime.aggregation import (
@@ -88,6 +90,9 @@ from plan_runtime.aggregation import (
 from plan_runtime.http import ServerError
 from plan_runtime.mobile import MOBILE_FORMS
 from plan_runtime.plan import Plan, PlanError
+from plan_runtime.state import (
+    ALIGN_BYTES as STATE_ALIGN_BYTES,
+)
 from plan_runtime.state import (
     StateError,
     decode_message,
@@ -131,6 +136,7 @@ SERVER_CONFIG_DEFAULTS: dict[str, Any] = {
     "do_not_reuse_workers_until_cycle": 0,
     "pool_selection": "iterate",
     "selection_probability": 0.5,
+    "assignment_timeout": None,
     "authentication": None,
 }
 
@@ -144,6 +150,9 @@ SPEED_TEST_CHUNK = 64 * KIB
 MAX_MODEL_TENSORS = 100_000
 # Ten years: longer cycles would give timeouts no client can represent.
 MAX_CYCLE_LENGTH_S = 315_360_000
+# Counts in a server_config (cycles, diffs, workers) stay within 32 bits, so
+# that every client and every CBOR or JSON library reads them back as they are.
+MAX_CONFIG_WHOLE = 2**31 - 1
 
 
 @dataclass(frozen=True)
@@ -160,6 +169,7 @@ class Settings:
     max_workers_per_process: int = 100_000
     max_open_assignments: int = 10_000
     keep_diffs: bool = False
+    max_retry_s: int = 60
     clock_interval_s: float = 30.0
     max_plan_memory_bytes: int = 1024 * MIB
 
@@ -244,6 +254,15 @@ JSON_TYPE = "application/json"
 CBOR_TYPE = "application/cbor"
 
 
+def is_json_type(content_type: str) -> bool:
+    """Whether a Content-Type names JSON (media types ignore case)."""
+    return content_type.lower().startswith(JSON_TYPE)
+
+
+def is_cbor_type(content_type: str) -> bool:
+    return content_type.lower().startswith(CBOR_TYPE)
+
+
 def wants_json(request: Request) -> bool:
     """Whether a response should be JSON: the client sent or asked for it.
 
@@ -251,12 +270,12 @@ def wants_json(request: Request) -> bool:
     CBOR is asked for; the model-centric routes answer CBOR unless JSON is.
     """
     content_type = request.headers.get("content-type", "")
-    accept = request.headers.get("accept", "")
+    accept = request.headers.get("accept", "").lower()
     if CBOR_TYPE in accept:
         return False
     if not request.url.path.startswith("/model-centric/"):
         return True
-    return content_type.startswith(JSON_TYPE) or JSON_TYPE in accept
+    return is_json_type(content_type) or JSON_TYPE in accept
 
 
 def _json_default(value: Any) -> Any:
@@ -272,8 +291,34 @@ def encode_body(payload: Any, *, as_json: bool) -> tuple[bytes, str]:
     return cbor2.dumps(payload), CBOR_TYPE
 
 
+def check_text(value: Any) -> None:
+    """Refuse strings that cannot be stored: JSON's lone surrogate escapes.
+
+    Raises:
+        ApiError: 400 naming the problem.
+    """
+    # A loop, not recursion: JSON nests as deep as its parser allows.
+    pending = [value]
+    while pending:
+        item = pending.pop()
+        if isinstance(item, dict):
+            pending.extend(item.keys())
+            pending.extend(item.values())
+        elif isinstance(item, list):
+            pending.extend(item)
+        elif isinstance(item, str) and not item.isascii():
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError as exc:
+                raise bad_request(
+                    f"body holds a string with a lone UTF-16 surrogate "
+                    f"({item[exc.start]!r}); send valid Unicode text",
+                    "invalid_body",
+                ) from exc
+
+
 def decode_body(
-    data: bytes | bytearray, content_type: str, *, views: bool = False
+    data: bytes | bytearray | memoryview, content_type: str, *, views: bool = False
 ) -> Any:
     """Decode a control message, CBOR unless the client said JSON.
 
@@ -283,12 +328,14 @@ def decode_body(
     Raises:
         ApiError: 400 for a malformed body, 415 for another media type.
     """
-    if content_type.startswith(JSON_TYPE):
+    if is_json_type(content_type):
         try:
-            return json.loads(data)
+            body = json.loads(bytes(data) if isinstance(data, memoryview) else data)
         except (ValueError, RecursionError) as exc:
             raise bad_request(f"body is not valid JSON: {exc}", "invalid_body") from exc
-    if content_type and not content_type.startswith(CBOR_TYPE):
+        check_text(body)
+        return body
+    if content_type and not is_cbor_type(content_type):
         raise ApiError(
             415,
             "unsupported_media_type",
@@ -481,7 +528,9 @@ def check_auth_config(config: Any) -> dict[str, Any]:
     family = (
         _HMAC_ALGORITHMS if has_secret else _public_key_algorithms(config["pub_key"])
     )
-    default = "HS256" if has_secret else sorted(family)[0]
+    # The usual algorithm of each key family, as the README promises.
+    usual = ("HS256", "RS256", "ES256", "EdDSA")
+    default = next(name for name in usual if name in family)
     algorithms = config.get("algorithms") or [default]
     is_list = isinstance(algorithms, list) and all(
         isinstance(a, str) for a in algorithms
@@ -524,7 +573,7 @@ def verify_worker_token(token: Any, config: dict[str, Any]) -> dict[str, Any]:
     key = config.get("secret") or config.get("pub_key")
     options: dict[str, Any] = {"require": ["exp"] if config["require_exp"] else []}
     try:
-        return jwt.decode(
+        claims: dict[str, Any] = jwt.decode(
             token,
             key,
             algorithms=config["algorithms"],
@@ -536,6 +585,13 @@ def verify_worker_token(token: Any, config: dict[str, Any]) -> dict[str, Any]:
         raise ApiError(
             401, "unauthorized", f"auth_token was refused: {type(exc).__name__}"
         ) from exc
+    try:
+        check_text(claims)
+    except ApiError as exc:
+        raise ApiError(
+            401, "unauthorized", "auth_token was refused: its claims are not text"
+        ) from exc
+    return claims
 
 
 # ============================================================ federation
@@ -569,30 +625,40 @@ def check_server_config(raw: Any) -> dict[str, Any]:
             )
 
     def whole(key: str, minimum: int) -> bool:
-        return type(config[key]) is int and config[key] >= minimum
+        value = config[key]
+        return type(value) is int and minimum <= value <= MAX_CONFIG_WHOLE
 
     def number(key: str) -> bool:
         return is_number(config[key])
 
-    require("num_cycles", whole("num_cycles", 0), "a whole number >= 0 (0: no limit)")
+    up_to = f"to {MAX_CONFIG_WHOLE}"
+    require(
+        "num_cycles",
+        whole("num_cycles", 0),
+        f"a whole number from 0 {up_to} (0: no limit)",
+    )
     require(
         "cycle_length",
         number("cycle_length") and 1 <= config["cycle_length"] <= MAX_CYCLE_LENGTH_S,
         f"a number of seconds from 1 to {MAX_CYCLE_LENGTH_S}",
     )
-    require("min_diffs", whole("min_diffs", 1), "a whole number >= 1")
+    require("min_diffs", whole("min_diffs", 1), f"a whole number from 1 {up_to}")
     for key in ("max_diffs", "max_workers"):
         require(
             key,
             config[key] is None or whole(key, 1),
-            "a whole number >= 1, or null for no limit",
+            f"a whole number from 1 {up_to}, or null for no limit",
         )
-    if config["max_diffs"] is not None and config["max_diffs"] < config["min_diffs"]:
-        raise bad_request(
-            f'"max_diffs" ({config["max_diffs"]}) must not be below "min_diffs" '
-            f"({config['min_diffs']})",
-            "invalid_config",
-        )
+    # Each worker reports at most once per cycle, so a cycle has no more
+    # diffs than assignments: these would leave cycles that cannot close.
+    for smaller, larger in (("min_diffs", "max_diffs"), ("min_diffs", "max_workers")):
+        low, high = config[smaller], config[larger]
+        if low is not None and high is not None and high < low:
+            raise bad_request(
+                f'"{larger}" ({high}) must not be below "{smaller}" ({low}): a '
+                "cycle could never close on its diffs",
+                "invalid_config",
+            )
     require(
         "on_deadline",
         config["on_deadline"] in ("extend", "close"),
@@ -607,7 +673,7 @@ def check_server_config(raw: Any) -> dict[str, Any]:
     require(
         "do_not_reuse_workers_until_cycle",
         whole("do_not_reuse_workers_until_cycle", 0),
-        "a whole number of cycles >= 0 (0: reuse at once)",
+        f"a whole number of cycles from 0 {up_to} (0: reuse at once)",
     )
     require(
         "pool_selection",
@@ -619,6 +685,13 @@ def check_server_config(raw: Any) -> dict[str, Any]:
         "selection_probability",
         number("selection_probability") and 0 < probability <= 1,
         "a number in (0, 1]",
+    )
+    timeout = config["assignment_timeout"]
+    require(
+        "assignment_timeout",
+        timeout is None or (number("assignment_timeout") and 1 <= timeout),
+        "a number of seconds >= 1, or null: an assignment holds its slot until "
+        "the cycle closes",
     )
     if config["authentication"] is not None:
         config["authentication"] = check_auth_config(config["authentication"])
@@ -769,6 +842,15 @@ def check_metrics(raw: Any) -> dict[str, float]:
     return metrics
 
 
+def short_id(worker_id: str) -> str:
+    """A worker id for logs: enough to tell workers apart, never the whole id.
+
+    With an open process the worker id is all a worker shows when it asks
+    for a cycle or reports, so logs hold only its first characters.
+    """
+    return worker_id[:8] + "…"
+
+
 def seconds_until(moment: float, now: float) -> int:
     """Whole seconds from ``now`` until ``moment``, never negative."""
     return max(0, math.ceil(moment - now))
@@ -810,6 +892,34 @@ class RunningSum:
     included: set[int] = field(default_factory=set)
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     is_closed: bool = False
+
+
+def show_new_token(token: str, db_path: Path) -> None:
+    """Show a newly created admin token once, never in a log.
+
+    Only its hash is kept, so a lost token is replaced by setting
+    NIMBLE_EDGE_ADMIN_TOKEN. On a terminal it is printed there; when stderr
+    is not one (a service, ``serve > log 2>&1``) it would land in a log
+    file, so it goes into a file beside the database that only this user
+    can read, and the log says where.
+    """
+    if sys.stderr.isatty():
+        print(
+            "A new admin token was created; it is shown only this once:\n"
+            f"    NIMBLE_EDGE_ADMIN_TOKEN={token}",
+            file=sys.stderr,
+            flush=True,
+        )
+        return
+    path = db_path.with_name(db_path.name + ".admin-token")
+    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(descriptor, "w") as file:
+        file.write(token + "\n")
+    logger.warning(
+        "A new admin token was created and written to %s (readable by this "
+        "user only); keep it elsewhere and delete that file",
+        path,
+    )
 
 
 class Federation:
@@ -872,16 +982,8 @@ class Federation:
             else:
                 self._admin_hash = stored
                 is_new = False
-        if not is_new:
-            return
-        # Shown once, on the terminal and never in a log: only its hash is
-        # kept, so a lost token is replaced by setting NIMBLE_EDGE_ADMIN_TOKEN.
-        print(
-            "A new admin token was created; it is shown only this once:\n"
-            f"    NIMBLE_EDGE_ADMIN_TOKEN={token}",
-            file=sys.stderr,
-            flush=True,
-        )
+        if is_new:
+            show_new_token(token, self.store.path)
 
     async def check_admin(self, authorization: str | None) -> None:
         """Raise 401 unless the header carries the admin token.
@@ -948,16 +1050,16 @@ class Federation:
 
         now = time.time()
         async with self.store.transaction() as queries:
-            if await queries.process_count() >= self.settings.max_processes:
-                raise limit_reached(
-                    f"this server hosts its limit of {self.settings.max_processes} "
-                    "processes; delete one, or raise --max-processes"
-                )
             if await queries.process(name, version) is not None:
                 raise conflict(
                     f"process {name}@{version} is already hosted; host it under a "
                     "new version, or delete it first",
                     "process_exists",
+                )
+            if await queries.process_count() >= self.settings.max_processes:
+                raise limit_reached(
+                    f"this server hosts its limit of {self.settings.max_processes} "
+                    "processes; delete one, or raise --max-processes"
                 )
             process_id = await queries.insert_process(
                 name, version, client_config, server_config, now
@@ -1040,7 +1142,8 @@ class Federation:
     async def _spec(self, process_id: int) -> Spec:
         if process_id not in self._specs:
             found = await self.store.read.checkpoint(process_id, 1)
-            assert found is not None, f"process {process_id} has no checkpoint 1"
+            if found is None:
+                raise process_gone()
             model = await asyncio.to_thread(decode_state, found[1], copy=False)
             self._specs[process_id] = state_spec(model)
         return self._specs[process_id]
@@ -1116,7 +1219,8 @@ class Federation:
 
     async def _accumulator(self, running: RunningSum) -> Accumulator:
         cached = await self.checkpoint_of(running.process_id, running.checkpoint_number)
-        assert cached is not None, "an open cycle has its checkpoint"
+        if cached is None:
+            raise process_gone()
         base = await asyncio.to_thread(decode_state, cached.blob.data, copy=False)
         return await asyncio.to_thread(Accumulator, base)
 
@@ -1135,6 +1239,10 @@ class Federation:
                 if running.accumulator is None:
                     running.accumulator = await self._accumulator(running)
                 await asyncio.to_thread(running.accumulator.add, diff, weight)
+            except StorageError:
+                # Deleted or reset since the report was stored: no sum to keep.
+                running.is_closed = True
+                return
             except Exception:
                 # Half added or not at all: the close rebuilds the sum from
                 # the stored diffs, so nothing acknowledged is lost.
@@ -1195,7 +1303,7 @@ class Federation:
                 if await queries.worker_count(process.id) >= limit:
                     raise limit_reached(
                         f"{process.label} has its limit of {limit} workers; raise "
-                        "--max-workers-per-process, or reset the process"
+                        "--max-workers-per-process, or host the process anew"
                     )
                 worker_id = uuid.uuid4().hex
                 await queries.insert_worker(worker_id, process.id, subject, time.time())
@@ -1235,8 +1343,14 @@ class Federation:
             assert cycle is not None, f"{process.label} has no open cycle"
 
             existing = await queries.assignment_in(cycle.id, worker_id)
-            if existing is not None and not existing[1]:
-                request_key = existing[0]
+            timeout = process.server_config["assignment_timeout"]
+            since = None if timeout is None else now - timeout
+            if (
+                existing is not None
+                and not existing.has_reported
+                and (since is None or existing.assigned_at >= since)
+            ):
+                request_key = existing.request_key
             else:
                 reason = await self._refusal(
                     queries, process, cycle, worker_id, existing, speeds, now
@@ -1244,7 +1358,7 @@ class Federation:
                 if reason is not None:
                     http_logger.debug(
                         "Worker %s not admitted to cycle %d of %s: %s",
-                        worker_id,
+                        short_id(worker_id),
                         cycle.number,
                         process.label,
                         reason,
@@ -1254,8 +1368,16 @@ class Federation:
                         "reason": reason,
                         "timeout": self._retry_s(reason, cycle, now),
                     }
-                request_key = secrets.token_urlsafe(24)
-                await queries.insert_assignment(cycle.id, worker_id, request_key, now)
+                if existing is not None:
+                    # Its worker came back after it expired, and a slot is
+                    # free: the same assignment holds one again.
+                    request_key = existing.request_key
+                    await queries.renew_assignment(request_key, now)
+                else:
+                    request_key = secrets.token_urlsafe(24)
+                    await queries.insert_assignment(
+                        cycle.id, worker_id, request_key, now
+                    )
             model_id = await queries.checkpoint_id(process.id, cycle.checkpoint_number)
             assert model_id is not None, f"cycle {cycle.id} has no checkpoint"
             plans = await queries.plan_ids(process.id)
@@ -1263,7 +1385,7 @@ class Federation:
 
         http_logger.debug(
             "Worker %s assigned to cycle %d of %s",
-            worker_id,
+            short_id(worker_id),
             cycle.number,
             process.label,
         )
@@ -1294,7 +1416,7 @@ class Federation:
         speeds = []
         for key in ("download", "upload"):
             value = field_of(body, key, (int, float), default=None)
-            if value is None or not math.isfinite(value) or value < 0:
+            if value is None or not is_number(value) or value < 0:
                 raise bad_request(
                     f"{process.label} needs a speed test: send {key!r} as the "
                     "measured megabits per second (see /model-centric/speed-test)",
@@ -1309,19 +1431,29 @@ class Federation:
         process: Process,
         cycle: Cycle,
         worker_id: str,
-        existing: tuple[str, bool] | None,
+        existing: WorkerAssignment | None,
         speeds: tuple[float, float] | None,
         now: float,
     ) -> str | None:
-        """Why a worker may not get a new assignment in ``cycle``, or None."""
+        """Why a worker may not get a new assignment in ``cycle``, or None.
+
+        ``existing`` is the worker's assignment in the cycle: reported, or
+        unreported past ``assignment_timeout`` (it then needs a free slot).
+        """
         config = process.server_config
         reports = await queries.report_count(cycle.id)
         is_full = config["max_diffs"] is not None and reports >= config["max_diffs"]
         if cycle.deadline_at <= now or is_full:
             # The clock or the closing report is about to end this cycle.
             return "cycle over"
-        if existing is not None:
+        if existing is not None and existing.has_reported:
             return "already assigned"
+        most = config["max_workers"] or self.settings.max_open_assignments
+        timeout = config["assignment_timeout"]
+        since = None if timeout is None else now - timeout
+        if existing is not None:
+            is_taken = await queries.assignment_count(cycle.id, since) >= most
+            return "full" if is_taken else None
         if speeds is not None and (
             speeds[0] < config["minimum_download_speed"]
             or speeds[1] < config["minimum_upload_speed"]
@@ -1336,8 +1468,7 @@ class Federation:
             worker_id, cycle, config["selection_probability"]
         ):
             return "not eligible"
-        most = config["max_workers"] or self.settings.max_open_assignments
-        if await queries.assignment_count(cycle.id) >= most:
+        if await queries.assignment_count(cycle.id, since) >= most:
             return "full"
         return None
 
@@ -1349,11 +1480,17 @@ class Federation:
         ).digest()
         return int.from_bytes(digest[:8], "big") / 2**64 < probability
 
-    @staticmethod
-    def _retry_s(reason: str, cycle: Cycle, now: float) -> int:
+    def _retry_s(self, reason: str, cycle: Cycle, now: float) -> int:
+        """When to ask again: at most ``max_retry_s``, at least 1 second.
+
+        Never past the deadline, and never longer than the cap: a cycle can
+        close early (``max_diffs``) and a slot can free up (an assignment
+        expires), and a worker that sleeps until the deadline would miss both.
+        """
         if reason == "cycle over":
             return 1
-        return max(1, seconds_until(cycle.deadline_at, now))
+        left = seconds_until(cycle.deadline_at, now)
+        return max(1, min(left, self.settings.max_retry_s))
 
     async def _assignment(self, worker_id: Any, request_key: Any) -> Assignment:
         if not isinstance(worker_id, str) or not isinstance(request_key, str):
@@ -1381,7 +1518,8 @@ class Federation:
         if cycle.closed_at is not None:
             raise self._closed(cycle)
         found = await self.checkpoint_of(cycle.process_id, cycle.checkpoint_number)
-        assert found is not None, f"cycle {cycle.id} has no checkpoint"
+        if found is None:
+            raise process_gone()
         model_id = params.get("model_id")
         if model_id is not None and model_id != str(found.id):
             # Compared as text: any other value, whatever it holds, is wrong.
@@ -1688,6 +1826,8 @@ class Federation:
 
     async def retrieve(self, params: Mapping[str, str]) -> Blob:
         """A checkpoint of a process by number, or the latest one."""
+        if "name" not in params:
+            raise bad_request('"name" is required: the process name', "missing_field")
         process = await self.find_process(params.get("name"), params.get("version"))
         wanted = params.get("checkpoint", "latest")
         number = None if wanted == "latest" else number_param(params, "checkpoint")
@@ -1803,6 +1943,13 @@ async def body_chunks(request: Request, idle_timeout_s: float) -> AsyncIterator[
             chunk = await asyncio.wait_for(chunks.__anext__(), idle_timeout_s)
         except StopAsyncIteration:
             return
+        except ClientDisconnect as exc:
+            # Routine on flaky links: nobody is left to read the answer.
+            raise ApiError(
+                400,
+                "client_disconnected",
+                f"the client went away after {received} bytes of its body",
+            ) from exc
         except TimeoutError as exc:
             raise ApiError(
                 408,
@@ -1814,15 +1961,8 @@ async def body_chunks(request: Request, idle_timeout_s: float) -> AsyncIterator[
         yield chunk
 
 
-async def read_body(request: Request, limit: int, idle_timeout_s: float) -> bytearray:
-    """Read a request body into one buffer, refusing it past ``limit`` bytes.
-
-    Raises:
-        ApiError: 413 as soon as the declared or received size passes the
-            limit, before the rest is read; 408 when no data arrives for
-            ``idle_timeout_s``; 415 for a compressed body, which is never
-            inflated (no decompression bombs).
-    """
+def check_uncompressed(request: Request) -> None:
+    """Refuse a compressed body with 415: bodies are never inflated."""
     encoding = request.headers.get("content-encoding", "identity").lower()
     if encoding != "identity":
         raise ApiError(
@@ -1831,13 +1971,37 @@ async def read_body(request: Request, limit: int, idle_timeout_s: float) -> byte
             f"Content-Encoding {encoding!r:.40} is not accepted; send the body "
             "uncompressed",
         )
-    declared = request.headers.get("content-length")
-    size = int(declared) if declared is not None and declared.isdigit() else None
+
+
+def declared_length(request: Request) -> int | None:
+    """The body's Content-Length when it is a plain number, else None."""
+    declared = request.headers.get("content-length", "")
+    if declared.isascii() and declared.isdigit() and len(declared) <= 18:
+        return int(declared)
+    return None
+
+
+async def read_body(
+    request: Request, limit: int, idle_timeout_s: float, *, slack: int = 0
+) -> bytearray | memoryview:
+    """Read a request body into one buffer, refusing it past ``limit`` bytes.
+
+    With ``slack`` the buffer has that many spare bytes after the body, and
+    a view of the body alone is returned (see :func:`align_field`).
+
+    Raises:
+        ApiError: 413 as soon as the declared or received size passes the
+            limit, before the rest is read; 408 when no data arrives for
+            ``idle_timeout_s``; 415 for a compressed body, which is never
+            inflated (no decompression bombs).
+    """
+    check_uncompressed(request)
+    size = declared_length(request)
     if size is not None and size > limit:
         raise ApiError(
             413,
             "payload_too_large",
-            f"body of {declared} bytes is over this route's limit of {limit} bytes",
+            f"body of {size} bytes is over this route's limit of {limit} bytes",
         )
     if size is None:
         buffer = bytearray()
@@ -1849,12 +2013,16 @@ async def read_body(request: Request, limit: int, idle_timeout_s: float) -> byte
                     "payload_too_large",
                     f"body is over this route's limit of {limit} bytes",
                 )
-        return buffer
+        if not slack:
+            return buffer
+        size = len(buffer)
+        buffer += bytes(slack)
+        return memoryview(buffer)[:size]
 
     # The declared length is within the limit: one buffer of that size is
     # filled in place, never grown or copied (the server rejects a body
     # that runs past its Content-Length before it gets here).
-    buffer = bytearray(size)
+    buffer = bytearray(size + slack)
     received = 0
     with memoryview(buffer) as view:
         async for chunk in body_chunks(request, idle_timeout_s):
@@ -1869,20 +2037,55 @@ async def read_body(request: Request, limit: int, idle_timeout_s: float) -> byte
             f"body ended after {received} of its {size} declared bytes",
             "invalid_body",
         )
-    return buffer
+    return memoryview(buffer)[:size] if slack else buffer
+
+
+def align_field(body: dict[Any, Any], name: str) -> None:
+    """Move a byte-string field to an 8-byte boundary inside its own buffer.
+
+    The state documents that workers send keep every tensor 8-aligned from
+    the document's start, but the message around the diff puts that start
+    anywhere. Moving the diff's bytes up to 7 places along, into the spare
+    bytes that :func:`read_body` left after the body, lets its tensors map
+    the buffer instead of each being copied. The rest of the message is
+    decoded already, and the diff is its only view of the buffer.
+    """
+    view = body.get(name)
+    if not isinstance(view, memoryview) or view.readonly or not len(view):
+        return
+    whole = memoryview(view.obj).cast("B")
+    start = ctypes.addressof(ctypes.c_char.from_buffer(whole))
+    address = ctypes.addressof(ctypes.c_char.from_buffer(view))
+    shift = -address % STATE_ALIGN_BYTES
+    offset = address - start
+    if not shift or offset + len(view) + shift > len(whole):
+        return
+    ctypes.memmove(address + shift, address, len(view))
+    body[name] = whole[offset + shift : offset + shift + len(view)]
 
 
 async def message(
-    request: Request, limit: int, *, views: bool = False
+    request: Request, limit: int, *, views: bool = False, align: str | None = None
 ) -> dict[Any, Any]:
-    """Read and decode a control message, which must be a map."""
+    """Read and decode a control message, which must be a map.
+
+    ``views`` keeps byte strings as views of the body read; ``align`` names
+    the one whose bytes are then moved to an 8-byte boundary.
+    """
     idle_timeout_s = federation_of(request).settings.body_idle_timeout_s
-    data = await read_body(request, limit, idle_timeout_s)
-    body = decode_body(data, request.headers.get("content-type", ""), views=views)
+    content_type = request.headers.get("content-type", "")
+    if is_json_type(content_type):
+        # Byte strings travel as base64 in JSON: 4 characters for 3 bytes.
+        limit = limit * 4 // 3 + 4096
+    slack = STATE_ALIGN_BYTES if align else 0
+    data = await read_body(request, limit, idle_timeout_s, slack=slack)
+    body = decode_body(data, content_type, views=views)
     if not isinstance(body, dict):
         raise bad_request(
             f"body must be a map; got {type(body).__name__}", "invalid_body"
         )
+    if align is not None:
+        align_field(body, align)
     return body
 
 
@@ -1892,17 +2095,18 @@ def control(
     is_admin: bool = False,
     limit: Callable[[Federation], int] = lambda f: f.settings.max_message_bytes,
     views: bool = False,
+    align: str | None = None,
 ) -> Callable[[Request], Awaitable[Response]]:
     """A route that decodes one control message and answers what ``action`` says.
 
-    ``views`` keeps the message's byte strings as views of the body read.
+    ``views`` and ``align`` are :func:`message`'s.
     """
 
     async def handler(request: Request) -> Response:
         federation = federation_of(request)
         if is_admin:
             await federation.check_admin(request.headers.get("authorization"))
-        body = await message(request, limit(federation), views=views)
+        body = await message(request, limit(federation), views=views, align=align)
         return respond(request, await action(federation, body))
 
     return handler
@@ -1961,7 +2165,8 @@ async def speed_test_download(request: Request) -> Response:
     federation = federation_of(request)
     await federation.check_worker(request.query_params.get("worker_id"))
     size = request.query_params.get("size_bytes", str(SPEED_TEST_DEFAULT_BYTES))
-    if not size.isdigit() or not 0 < int(size) <= SPEED_TEST_MAX_BYTES:
+    is_digits = size.isascii() and size.isdigit() and len(size) <= 15
+    if not is_digits or not 0 < int(size) <= SPEED_TEST_MAX_BYTES:
         raise bad_request(
             f'"size_bytes" must be a whole number from 1 to {SPEED_TEST_MAX_BYTES}; '
             f"got {size!r:.20}",
@@ -1987,8 +2192,9 @@ async def speed_test_upload(request: Request) -> Response:
     """Read and discard the body; answer how fast it arrived."""
     federation = federation_of(request)
     await federation.check_worker(request.query_params.get("worker_id"))
-    declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > SPEED_TEST_MAX_BYTES:
+    check_uncompressed(request)
+    declared = declared_length(request)
+    if declared is not None and declared > SPEED_TEST_MAX_BYTES:
         raise ApiError(
             413,
             "payload_too_large",
@@ -2069,7 +2275,12 @@ def create_app(settings: Settings) -> Starlette:
     host_training = control(
         Federation.host, is_admin=True, limit=lambda f: f.settings.max_host_bytes
     )
-    report = control(Federation.report, limit=Federation.max_report_bytes, views=True)
+    report = control(
+        Federation.report,
+        limit=Federation.max_report_bytes,
+        views=True,
+        align="diff",
+    )
     routes = [
         Route(f"{prefix}/host-training", host_training, methods=["POST"]),
         Route(
@@ -2128,6 +2339,7 @@ def serve(args: argparse.Namespace) -> int:
         max_workers_per_process=args.max_workers_per_process,
         max_open_assignments=args.max_open_assignments,
         keep_diffs=args.keep_diffs,
+        max_retry_s=args.max_retry_s,
         max_plan_memory_bytes=int(args.max_plan_memory_mb * MIB),
     )
     logger.info("Runtime: %s", tune_runtime(args.threads, args.malloc_cache_mb * MIB))
@@ -2297,6 +2509,11 @@ def admin_client(args: argparse.Namespace) -> Any:
     """The admin client for ``--address``, with the token from the environment."""
     from plan_runtime.admin import ModelCentricFLClient
 
+    if not os.environ.get("NIMBLE_EDGE_ADMIN_TOKEN"):
+        raise RuntimeError(
+            "NIMBLE_EDGE_ADMIN_TOKEN is not set; export the server's admin token "
+            "(serve printed it, or wrote it beside its database, on first start)"
+        )
     return ModelCentricFLClient(args.address, secure=False).connect()
 
 
@@ -2353,6 +2570,8 @@ def token_command(args: argparse.Namespace) -> int:
         finally:
             await store.close()
 
+    if not Path(args.db).is_file():
+        raise RuntimeError(f"no database at {args.db}; pass the --db that serve uses")
     process = asyncio.run(find())
     if process is None:
         raise RuntimeError(f"no process {args.process!r} in {args.db}")
@@ -2481,6 +2700,18 @@ def add_flags(parser: argparse.ArgumentParser, flags: list[Flag]) -> None:
         )
 
 
+def add_required(parser: argparse.ArgumentParser, flag: str, text: str) -> None:
+    """A ``--flag`` that must be given, on the command line or in its variable."""
+    variable = "NIMBLE_EDGE_" + flag.upper().replace("-", "_")
+    default = env_default(flag, None)
+    parser.add_argument(
+        f"--{flag}",
+        default=default,
+        required=default is None,
+        help=f"{text} ({variable})",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     formatter = argparse.ArgumentDefaultsHelpFormatter
     parser = argparse.ArgumentParser(
@@ -2534,6 +2765,12 @@ def build_parser() -> argparse.ArgumentParser:
             positive(int),
             1024,
             "concurrent connections; more are answered 503",
+        ),
+        (
+            "max-retry-s",
+            positive(int),
+            60,
+            "the longest wait a rejected worker is told before asking again",
         ),
         PLAN_MEMORY_FLAG,
         (
@@ -2593,13 +2830,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo_parser.add_argument(
         "--cycles",
-        type=int,
+        type=positive(int),
         default=env_default("cycles", 20),
         help="cycles to run (NIMBLE_EDGE_CYCLES)",
     )
     demo_parser.add_argument(
         "--workers",
-        type=int,
+        type=positive(int),
         default=env_default("workers", 10),
         help="workers, one data shard each (NIMBLE_EDGE_WORKERS)",
     )
@@ -2673,9 +2910,11 @@ def build_parser() -> argparse.ArgumentParser:
         "version", nargs="?", default=None, help="process version (default: the newest)"
     )
     retrieve_parser.add_argument(
-        "--checkpoint", default="latest", help="checkpoint number, or latest"
+        "--checkpoint",
+        default=env_default("checkpoint", "latest"),
+        help="checkpoint number, or latest (NIMBLE_EDGE_CHECKPOINT)",
     )
-    retrieve_parser.add_argument("--out", required=True, help="file to write")
+    add_required(retrieve_parser, "out", "file to write")
     retrieve_parser.set_defaults(handler=retrieve_command)
 
     token_parser = commands.add_parser(
@@ -2686,14 +2925,16 @@ def build_parser() -> argparse.ArgumentParser:
         default=env_default("db", DEFAULT_DB),
         help="SQLite file (NIMBLE_EDGE_DB)",
     )
-    token_parser.add_argument("--process", required=True, help="process name")
+    add_required(token_parser, "process", "process name")
     token_parser.add_argument(
-        "--version", default=None, help="process version (default: the newest)"
+        "--version",
+        default=env_default("version", None),
+        help="process version, the newest when not given (NIMBLE_EDGE_VERSION)",
     )
-    token_parser.add_argument("--sub", required=True, help="the device's identity")
+    add_required(token_parser, "sub", "the device's identity")
     token_parser.add_argument(
         "--ttl",
-        type=int,
+        type=positive(int),
         default=env_default("ttl", 3600),
         help="seconds until the token expires (NIMBLE_EDGE_TTL)",
     )

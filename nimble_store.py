@@ -46,6 +46,16 @@ class StorageError(Exception):
         self.message = message
 
 
+def process_gone() -> StorageError:
+    """The error for a process deleted or reset while a request used it."""
+    return StorageError(
+        404,
+        "process_not_found",
+        "the process was deleted or reset while this request was handled; "
+        "authenticate and request a cycle again",
+    )
+
+
 # ============================================================ records
 
 
@@ -103,6 +113,15 @@ class Assignment:
     cycle: Cycle
 
 
+@dataclass(frozen=True)
+class WorkerAssignment:
+    """What admission needs of a worker's assignment in the open cycle."""
+
+    request_key: str
+    has_reported: bool
+    assigned_at: float
+
+
 # ============================================================ store
 
 
@@ -146,8 +165,11 @@ class Queries:
         self.db = db
 
     async def _one(self, sql: str, params: tuple[Any, ...] = ()) -> Any:
-        async with self.db.execute(sql, params) as cursor:
-            return await cursor.fetchone()
+        # One call that runs the statement to its end: a cursor left open
+        # across an await would hold the read connection's snapshot, and
+        # every other request reading meanwhile would not see new commits.
+        rows = await self.db.execute_fetchall(sql, params)
+        return next(iter(rows), None)
 
     async def _all(self, sql: str, params: tuple[Any, ...] = ()) -> list[Any]:
         return list(await self.db.execute_fetchall(sql, params))
@@ -184,7 +206,14 @@ class Queries:
         return None if row is None else Process.from_row(row)
 
     async def process_by_id(self, process_id: int) -> Process:
+        """The process by id.
+
+        Raises:
+            StorageError: 404 when it was deleted meanwhile.
+        """
         row = await self._one("SELECT * FROM processes WHERE id = ?", (process_id,))
+        if row is None:
+            raise process_gone()
         return Process.from_row(row)
 
     async def insert_process(
@@ -400,15 +429,20 @@ class Queries:
 
     async def assignment_in(
         self, cycle_id: int, worker_id: str
-    ) -> tuple[str, bool] | None:
-        """``(request_key, has_reported)`` of a worker's assignment in a cycle."""
+    ) -> WorkerAssignment | None:
+        """A worker's assignment in a cycle, if it has one."""
         row = await self._one(
-            "SELECT a.request_key, r.assignment_id IS NOT NULL AS has_reported "
+            "SELECT a.request_key, a.assigned_at, "
+            "r.assignment_id IS NOT NULL AS has_reported "
             "FROM assignments a LEFT JOIN reports r ON r.assignment_id = a.id "
             "WHERE a.cycle_id = ? AND a.worker_id = ?",
             (cycle_id, worker_id),
         )
-        return None if row is None else (row["request_key"], bool(row["has_reported"]))
+        if row is None:
+            return None
+        return WorkerAssignment(
+            row["request_key"], bool(row["has_reported"]), float(row["assigned_at"])
+        )
 
     async def last_cycle_of(self, worker_id: str) -> int | None:
         """The number of the latest cycle in which a worker was assigned."""
@@ -429,11 +463,30 @@ class Queries:
         )
         return int(row["n"])
 
-    async def assignment_count(self, cycle_id: int) -> int:
+    async def assignment_count(self, cycle_id: int, since: float | None = None) -> int:
+        """Assignments that hold a slot in a cycle.
+
+        With ``since``, an unreported assignment made before it has expired
+        and no longer counts; a reported one always does.
+        """
+        if since is None:
+            row = await self._one(
+                "SELECT count(*) AS n FROM assignments WHERE cycle_id = ?", (cycle_id,)
+            )
+            return int(row["n"])
         row = await self._one(
-            "SELECT count(*) AS n FROM assignments WHERE cycle_id = ?", (cycle_id,)
+            "SELECT count(*) AS n FROM assignments a WHERE a.cycle_id = ? AND "
+            "(a.assigned_at >= ? OR EXISTS "
+            "(SELECT 1 FROM reports r WHERE r.assignment_id = a.id))",
+            (cycle_id, since),
         )
         return int(row["n"])
+
+    async def renew_assignment(self, request_key: str, now: float) -> None:
+        await self._run(
+            "UPDATE assignments SET assigned_at = ? WHERE request_key = ?",
+            (now, request_key),
+        )
 
     async def insert_assignment(
         self, cycle_id: int, worker_id: str, request_key: str, now: float
@@ -567,6 +620,9 @@ def storage_error(exc: sqlite3.Error, path: Path) -> Exception:
     Other SQLite errors are faults of the server and come back unchanged.
     """
     name = getattr(exc, "sqlite_errorname", "")
+    if name == "SQLITE_CONSTRAINT_FOREIGNKEY":
+        # A row for a process that a concurrent delete or reset removed.
+        return process_gone()
     if name.startswith("SQLITE_FULL"):
         store_logger.warning("Writing %s failed: the disk is full (%s)", path, name)
         return StorageError(
@@ -640,6 +696,10 @@ class Store:
             # to 64 MiB once it has been copied.
             await self._writer.execute("PRAGMA wal_autocheckpoint = 0")
             await self._writer.execute(f"PRAGMA journal_size_limit = {64 * 2**20}")
+            # Builds with SECURE_DELETE (Debian's) zero every freed page, so
+            # emptying a closed cycle's diffs rewrote them all inside the
+            # close; FAST zeroes only what is written anyway.
+            await self._writer.execute("PRAGMA secure_delete = FAST")
             async with self._writer.execute("PRAGMA page_size") as cursor:
                 row = await cursor.fetchone()
                 self._page_bytes = int(row[0]) if row else 4096

@@ -136,8 +136,10 @@ class Accumulator:
         :func:`~plan_runtime.state.layout_state`) and they are returned.
 
         Raises:
-            AggregationError: the mean is not finite (float32 sums of huge
-                diffs can overflow); no checkpoint should be written.
+            AggregationError: the mean or the next checkpoint is not finite
+                (float32 sums of huge diffs can overflow), or an integer
+                tensor would leave its dtype's range; no checkpoint should
+                be written.
         """
         assert self.weight > 0, "no diffs were added"
         updated = {}
@@ -145,19 +147,49 @@ class Accumulator:
             mean = self.sums[name].div_(self.weight)
             if not is_finite(mean):
                 raise AggregationError(
-                    f"the weighted mean of tensor {name!r} is not finite; no "
-                    "checkpoint was written"
+                    f"the weighted mean of the diffs of tensor {name!r} is not "
+                    "finite; no checkpoint was written"
                 )
-            if not tensor.is_floating_point():
-                mean = mean.round_()
             target = None if out is None else out[name]
+            if not tensor.is_floating_point():
+                updated[name] = _integer_step(name, tensor, mean.round_(), target)
+                continue
             if target is not None and target.dtype == mean.dtype == tensor.dtype:
-                updated[name] = torch.sub(tensor, mean, out=target)
+                result = torch.sub(tensor, mean, out=target)
             elif target is not None:
-                updated[name] = target.copy_(torch.sub(tensor, mean))
+                result = target.copy_(torch.sub(tensor, mean))
             else:
-                updated[name] = torch.sub(tensor, mean).to(tensor.dtype)
+                result = torch.sub(tensor, mean).to(tensor.dtype)
+            if not is_finite(result):
+                raise AggregationError(
+                    f"the next checkpoint of tensor {name!r} is not finite: the "
+                    f"step overflows {DTYPE_NAMES[tensor.dtype]}; no checkpoint "
+                    "was written"
+                )
+            updated[name] = result
         return updated
+
+
+def _integer_step(
+    name: str,
+    tensor: torch.Tensor,
+    mean: torch.Tensor,
+    target: torch.Tensor | None,
+) -> torch.Tensor:
+    """``tensor - mean`` for an integer tensor, refused rather than wrapped."""
+    exact = tensor.to(torch.float64) - mean.to(torch.float64)
+    if exact.numel():
+        info = torch.iinfo(tensor.dtype) if tensor.dtype != torch.bool else None
+        low, high = (0, 1) if info is None else (info.min, info.max)
+        if float(exact.min()) < low or float(exact.max()) > high:
+            raise AggregationError(
+                f"the next checkpoint of tensor {name!r} would leave the range of "
+                f"{DTYPE_NAMES[tensor.dtype]} ({low} to {high}); no checkpoint "
+                "was written"
+            )
+    if target is not None:
+        return target.copy_(exact)
+    return exact.to(tensor.dtype)
 
 
 # Elements per step of is_finite: torch casts a whole tensor before a float64

@@ -58,6 +58,33 @@ class ServerProcess:
         return self.log_path.read_text(errors="replace")
 
 
+def read_answer(sock: Any) -> bytes:
+    """Read one HTTP answer from a socket: the head, then its whole body.
+
+    The body may arrive in a later packet than the head, so reading stops
+    at Content-Length bytes of body (or when the server closes), not at
+    the end of the head.
+    """
+    answer = b""
+    while b"\r\n\r\n" not in answer:
+        data = sock.recv(65536)
+        if not data:
+            return answer
+        answer += data
+    head, _, body = answer.partition(b"\r\n\r\n")
+    length = 0
+    for line in head.split(b"\r\n")[1:]:
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"content-length":
+            length = int(value.strip())
+    while len(body) < length:
+        data = sock.recv(65536)
+        if not data:
+            break
+        body += data
+    return head + b"\r\n\r\n" + body
+
+
 @pytest.fixture(scope="session")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     directory = tmp_path_factory.mktemp("server")

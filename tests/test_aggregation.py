@@ -187,3 +187,36 @@ def test_is_finite_does_not_mistake_large_float64_values_for_overflow():
     tensor = torch.full((10,), 1.7e308, dtype=torch.float64)
 
     assert aggregation.is_finite(tensor)
+
+
+@pytest.mark.parametrize(
+    ("dtype", "base", "diff"),
+    [
+        (torch.uint8, [0, 255], [1, -1]),
+        (torch.int8, [-128, 127], [1, -1]),
+        (torch.int32, [-(2**31), 2**31 - 1], [1, -1]),
+    ],
+)
+def test_integer_tensors_that_would_wrap_are_refused(dtype, base, diff):
+    accumulator = aggregation.Accumulator({"count": torch.tensor(base, dtype=dtype)})
+    accumulator.add({"count": torch.tensor(diff).to(dtype)}, 1)
+
+    with pytest.raises(AggregationError, match="would leave the range"):
+        accumulator.result()
+
+
+def test_integer_tensors_within_range_are_averaged_and_rounded():
+    accumulator = aggregation.Accumulator({"steps": torch.tensor([10, 20])})
+    accumulator.add({"steps": torch.tensor([-4, 2])}, 1)
+    accumulator.add({"steps": torch.tensor([-5, 3])}, 1)
+
+    assert accumulator.result()["steps"].tolist() == [14, 18]
+
+
+def test_a_float32_step_that_overflows_is_refused():
+    big = torch.finfo(torch.float32).max
+    accumulator = aggregation.Accumulator({"w": torch.tensor([big])})
+    accumulator.add({"w": torch.tensor([-big])}, 1)
+
+    with pytest.raises(AggregationError, match="overflows float32"):
+        accumulator.result()

@@ -9,6 +9,7 @@ import sys
 import time
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 
 import httpx
 import jwt
@@ -291,7 +292,7 @@ def test_secrets_and_tokens_never_reach_the_log(debug_server, plan):
         assert secret not in log
 
 
-def test_generated_admin_token_is_shown_once_and_stored_only_hashed(tmp_path):
+def test_generated_admin_token_goes_to_a_private_file_and_is_stored_hashed(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "NIMBLE_EDGE_ADMIN_TOKEN"}
     db = tmp_path / "edge.sqlite"
 
@@ -322,13 +323,15 @@ def test_generated_admin_token_is_shown_once_and_stored_only_hashed(tmp_path):
         return log, port, process
 
     log, port, process = serve_once()
-    text = log.read_text()
-    token = text.split("NIMBLE_EDGE_ADMIN_TOKEN=")[1].split()[0]
+    token_file = Path(f"{db}.admin-token")
+    token = token_file.read_text().strip()
+    mode = token_file.stat().st_mode & 0o777
     first = httpx.get(
         f"http://127.0.0.1:{port}/status", headers={"Authorization": f"Bearer {token}"}
     ).status_code
     process.terminate()
     process.wait(timeout=30)
+    first_log = log.read_text()
     log, port, process = serve_once()
     again = httpx.get(
         f"http://127.0.0.1:{port}/status", headers={"Authorization": f"Bearer {token}"}
@@ -340,10 +343,32 @@ def test_generated_admin_token_is_shown_once_and_stored_only_hashed(tmp_path):
     process.wait(timeout=30)
 
     assert first == again == 200 and wrong == 401
-    assert "NIMBLE_EDGE_ADMIN_TOKEN=" not in log.read_text()
+    assert mode == 0o600
+    assert str(token_file) in first_log and token not in first_log
+    assert token not in log.read_text()
     stored = (
         sqlite3.connect(db)
         .execute("SELECT value FROM settings WHERE key = 'admin_token'")
         .fetchone()[0]
     )
     assert stored.startswith("pbkdf2_sha256$") and token not in stored
+
+
+def test_rsa_key_without_algorithms_accepts_rs256_as_documented(debug_server, plan):
+    name = host_with(debug_server, plan, {"type": "jwt", "pub_key": RSA_PUBLIC})
+
+    usual = jwt.encode(claims(), RSA_PRIVATE, algorithm="RS256")
+    other = jwt.encode(claims(), RSA_PRIVATE, algorithm="PS256")
+
+    assert authenticate(debug_server, name, usual).status_code == 200
+    assert authenticate(debug_server, name, other).status_code == 401
+
+
+def test_claims_that_are_not_text_are_refused_not_crashed_on(debug_server, plan):
+    name = host_with(debug_server, plan, {"type": "jwt", "secret": SECRET})
+    token = jwt.encode(claims(sub="\ud800"), SECRET, algorithm="HS256")
+
+    response = authenticate(debug_server, name, token)
+
+    assert response.status_code == 401
+    assert response.json()["code"] == "unauthorized"

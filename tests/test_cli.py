@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sqlite3
 import subprocess
 import sys
@@ -67,3 +68,30 @@ def test_runtime_error_prints_error_and_exits_1(tmp_path):
     assert result.returncode == 1
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("error: cannot open database ") and "missing-dir" in last
+
+
+def test_admin_commands_without_the_token_say_so_in_one_line():
+    env = {k: v for k, v in os.environ.items() if k != "NIMBLE_EDGE_ADMIN_TOKEN"}
+
+    result = cli("list", "--address", "127.0.0.1:9", env=env)
+
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [
+        "error: NIMBLE_EDGE_ADMIN_TOKEN is not set; export the server's admin "
+        "token (serve printed it, or wrote it beside its database, on first start)"
+    ]
+
+
+def test_demo_with_no_workers_is_a_usage_error():
+    result = cli("demo", "--workers", "0")
+
+    assert result.returncode == 2 and "--workers" in result.stderr
+
+
+def test_token_for_a_database_that_does_not_exist_creates_nothing(tmp_path):
+    db = tmp_path / "typo.sqlite"
+
+    result = cli("token", "--db", str(db), "--process", "p", "--sub", "d")
+
+    assert result.returncode == 1 and "no database at" in result.stderr
+    assert not db.exists()

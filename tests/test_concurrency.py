@@ -107,6 +107,8 @@ def test_200_concurrent_workers_give_exactly_max_diffs_per_cycle(tmp_path):
         server.stop()
 
     assert not [code for code in statuses if code >= 500], statuses
+    # A worker's own fresh request_key is never unknown to the server.
+    assert statuses[403] == 0, statuses
     assert "database is locked" not in server.log()
     db = sqlite3.connect(server.db_path)
     averaged = [
@@ -130,3 +132,68 @@ def test_200_concurrent_workers_give_exactly_max_diffs_per_cycle(tmp_path):
             )
     for got, want in zip(final.values(), expected):
         assert torch.allclose(got.double(), want, atol=1e-5)
+
+
+RACE_WORKERS = 30
+RACE_S = 12
+CHURN_S = 0.05
+
+
+def test_deleting_and_resetting_under_load_answers_4xx_never_500(tmp_path):
+    server = ServerProcess(tmp_path / "edge.sqlite", tmp_path / "serve.log").start()
+    admin = ModelCentricFLClient(server.address, token=server.token).connect()
+
+    def host() -> None:
+        admin.host_federated_training(
+            model=[torch.zeros(shape) for shape in SHAPES],
+            client_plans={},
+            client_config={"name": "churn", "version": "1"},
+            server_config={"max_diffs": 5, "cycle_length": 3600},
+        )
+
+    host()
+    statuses: Counter = Counter()
+    accepted: dict[int, list[int]] = defaultdict(list)
+
+    async def churn(deadline: float) -> None:
+        # Over and over, the process is reset or deleted and hosted again,
+        # while the workers are between any two of their requests.
+        for round_index in range(int(RACE_S / CHURN_S)):
+            if time.monotonic() > deadline:
+                return
+            await asyncio.sleep(CHURN_S)
+            if round_index % 2:
+                await asyncio.to_thread(admin.reset_process, "churn", "1")
+            else:
+                await asyncio.to_thread(admin.delete_process, "churn", "1")
+                await asyncio.to_thread(host)
+
+    async def crowd() -> None:
+        deadline = time.monotonic() + RACE_S
+        async with httpx.AsyncClient(base_url=server.url, timeout=60) as client:
+
+            async def keep_joining(index: int) -> None:
+                while time.monotonic() < deadline:
+                    try:
+                        await worker(
+                            client, index, "churn", statuses, accepted, deadline
+                        )
+                    except KeyError:
+                        # authenticate was refused: the process was gone.
+                        await asyncio.sleep(0.05)
+
+            await asyncio.gather(
+                churn(deadline), *(keep_joining(i) for i in range(RACE_WORKERS))
+            )
+
+    try:
+        asyncio.run(crowd())
+    finally:
+        admin.close()
+        server.stop()
+
+    assert statuses[200] > 0
+    assert not [code for code in statuses if code >= 500], statuses
+    assert "Traceback" not in server.log()
+    db = sqlite3.connect(server.db_path)
+    assert db.execute("PRAGMA integrity_check").fetchone() == ("ok",)

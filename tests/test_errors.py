@@ -435,3 +435,91 @@ def test_hosting_refuses_configs_that_could_never_work(server, plan, fields, cod
     )
 
     assert_envelope(response, 400, code)
+
+
+@pytest.mark.parametrize(
+    ("route", "field"),
+    [
+        ("authenticate", "model_name"),
+        ("cycle-request", "model"),
+        ("report", "request_key"),
+        ("delete-process", "name"),
+    ],
+)
+def test_lone_surrogates_in_json_strings_are_refused(server, route, field):
+    body = {"worker_id": "w", "name": "n", "version": "1", field: "\ud800"}
+    text = json.dumps(body)  # ASCII, with the lone surrogate as an escape
+    headers = {
+        "Content-Type": "application/json",
+        "Authorization": f"Bearer {server.token}",
+    }
+
+    response = httpx.post(
+        f"{server.url}/model-centric/{route}", content=text.encode(), headers=headers
+    )
+
+    assert "surrogate" in assert_envelope(response, 400, "invalid_body")
+
+
+def test_speed_test_size_in_non_ascii_digits_is_refused(server, assigned):
+    _, keys = assigned
+
+    response = httpx.get(
+        f"{server.url}/model-centric/speed-test",
+        params={"worker_id": keys["worker_id"], "size_bytes": "\u00b2"},
+    )
+
+    assert_envelope(response, 400, "invalid_field")
+
+
+def test_speed_numbers_too_large_for_a_float_are_refused(server, host):
+    name, _ = host(minimum_download_speed=1, minimum_upload_speed=1)
+    api = f"{server.url}/model-centric"
+    worker_id = httpx.post(f"{api}/authenticate", json={"model_name": name}).json()[
+        "worker_id"
+    ]
+    huge = "1" + "0" * 400
+    text = json.dumps({"worker_id": worker_id, "model": name, "upload": 5})
+    text = text[:-1] + f', "download": {huge}}}'
+
+    response = httpx.post(
+        f"{api}/cycle-request",
+        content=text.encode(),
+        headers={"Content-Type": "application/json"},
+    )
+
+    assert_envelope(response, 400, "missing_field")
+
+
+def test_media_types_are_matched_without_regard_to_case(server, host):
+    name, _ = host()
+
+    response = httpx.post(
+        f"{server.url}/model-centric/authenticate",
+        content=json.dumps({"model_name": name}).encode(),
+        headers={"Content-Type": "Application/JSON"},
+    )
+
+    assert response.status_code == 200 and "worker_id" in response.json()
+
+
+def test_retrieve_without_a_name_says_the_name_is_missing(server):
+    response = httpx.get(
+        f"{server.url}/model-centric/retrieve-model",
+        headers={"Authorization": f"Bearer {server.token}"},
+    )
+
+    assert_envelope(response, 400, "missing_field")
+
+
+def test_compressed_speed_test_upload_is_refused(server, assigned):
+    _, keys = assigned
+
+    response = httpx.post(
+        f"{server.url}/model-centric/speed-test",
+        params={"worker_id": keys["worker_id"]},
+        content=b"x" * 100,
+        headers={"Content-Encoding": "gzip"},
+    )
+
+    assert_envelope(response, 415, "unsupported_media_type")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import gzip
 import os
 import signal
@@ -22,7 +23,7 @@ import torch
 import nimble_edge
 from plan_runtime import ModelCentricFLClient, ServerError, Worker
 from plan_runtime.state import encode_state
-from tests.conftest import ROOT, ServerProcess
+from tests.conftest import ROOT, ServerProcess, read_answer
 
 
 def start(tmp_path: Path, *flags: str, db: Path | None = None) -> ServerProcess:
@@ -97,13 +98,7 @@ def raw_request(
             if index and before_rest is not None:
                 before_rest()
             sock.sendall(part)
-        answer = b""
-        while b"\r\n\r\n" not in answer or len(answer) < 12:
-            data = sock.recv(65536)
-            if not data:
-                break
-            answer += data
-        return answer
+        return read_answer(sock)
 
 
 def test_process_worker_and_assignment_limits(tmp_path, plan):
@@ -133,9 +128,21 @@ def test_process_worker_and_assignment_limits(tmp_path, plan):
             )
         with pytest.raises(ServerError) as authenticated:
             Worker(server.address).worker_id(name, None)
+        with (
+            pytest.raises(ServerError) as again,
+            ModelCentricFLClient(server.address, token=server.token) as admin,
+        ):
+            admin.host_federated_training(
+                model=[torch.zeros(3, 4), torch.zeros(3)],
+                client_plans={"training_plan": plan},
+                client_config={"name": name, "version": "1"},
+                server_config={},
+            )
     finally:
         server.stop()
 
+    # At the limit, hosting what is already hosted still says what is wrong.
+    assert again.value.status == 409 and again.value.code == "process_exists"
     assert hosted.value.status == 429 and hosted.value.code == "limit_reached"
     assert "--max-processes" in hosted.value.message
     assert [a["status"] for a in answers] == ["accepted", "accepted", "rejected"]
@@ -384,3 +391,42 @@ def test_read_only_database_gives_503_and_a_clear_start_up_error(tmp_path, plan)
     db = sqlite3.connect(server.db_path)
     assert db.execute("PRAGMA integrity_check").fetchone() == ("ok",)
     assert db.execute("SELECT count(*) FROM workers").fetchone() == (0,)
+
+
+def test_json_report_of_a_megabyte_model_fits_the_limit(server, plan):
+    model = [torch.zeros(500, 500), torch.zeros(500)]
+    name = host(server, plan, model=model, max_diffs=2)
+    _, keys = assigned(server, name)
+    diff = encode_state([torch.ones(500, 500), torch.ones(500)])
+
+    response = httpx.post(
+        f"{server.url}/model-centric/report",
+        json={**keys, "diff": base64.b64encode(diff).decode(), "num_samples": 3},
+    )
+
+    assert response.status_code == 200, response.text
+    assert response.json()["status"] == "success"
+
+
+def test_client_that_drops_its_upload_is_no_server_error(tmp_path, plan):
+    server = start(tmp_path)
+    try:
+        name = host(server, plan, model=[torch.zeros(500, 500)], max_diffs=2)
+        _, keys = assigned(server, name)
+        body = report_body(keys, [torch.ones(500, 500)])
+        for _ in range(3):
+            with socket.create_connection(("127.0.0.1", server.port)) as sock:
+                sock.sendall(
+                    b"POST /model-centric/report HTTP/1.1\r\nHost: x\r\n"
+                    b"Content-Type: application/cbor\r\n"
+                    + f"Content-Length: {len(body)}\r\n\r\n".encode()
+                    + body[:1000]
+                )
+                time.sleep(0.2)
+        time.sleep(0.5)
+        healthy = httpx.get(f"{server.url}/health").status_code
+    finally:
+        server.stop()
+
+    assert healthy == 200
+    assert " ERROR " not in server.log() and "Traceback" not in server.log()

@@ -162,7 +162,9 @@ def test_cli_lists_retrieves_resets_and_deletes(server, host, tmp_path):
 
 
 def test_cli_without_a_server_prints_an_error(tmp_path):
-    env = dict(os.environ, NIMBLE_EDGE_ADDRESS="127.0.0.1:9")
+    env = dict(
+        os.environ, NIMBLE_EDGE_ADDRESS="127.0.0.1:9", NIMBLE_EDGE_ADMIN_TOKEN="t"
+    )
 
     result = subprocess.run(
         [sys.executable, str(ROOT / "nimble_edge.py"), "list"],

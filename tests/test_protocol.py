@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from plan_runtime import ModelCentricFLClient, ServerError, Worker
-from tests.conftest import ServerProcess
+from tests.conftest import ServerProcess, read_answer
 
 
 def request_cycle(server, name, worker=None, **extra):
@@ -46,7 +46,7 @@ def raw_post(port: int, path: str, declared_length: int) -> bytes:
             f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n"
             f"Content-Length: {declared_length}\r\n\r\nxx".encode()
         )
-        return sock.recv(65536)
+        return read_answer(sock)
 
 
 def statuses(admin):
@@ -247,7 +247,8 @@ def test_cycle_over_when_the_deadline_has_passed_but_the_cycle_is_open(tmp_path,
 @pytest.mark.parametrize(
     ("config", "message"),
     [
-        ({"max_workers": 0}, '"max_workers" must be a whole number >= 1'),
+        ({"max_workers": 0}, '"max_workers" must be a whole number from 1'),
+        ({"assignment_timeout": "1h"}, '"assignment_timeout" must be a number'),
         ({"on_deadline": "panic"}, '"on_deadline" must be "extend" or "close"'),
         ({"pool_selection": "lottery"}, '"pool_selection" must be'),
         ({"selection_probability": 0}, '"selection_probability" must be'),
@@ -302,3 +303,45 @@ def test_deadline_survives_a_restart(tmp_path, plan):
     # Closed at its original deadline (4 s after it started), not 4 s after
     # the restart; 3 s of slack covers a slow start of the second server.
     assert closed_at - started_at < 4 + 3
+
+
+def test_expired_assignment_frees_its_slot_for_another_worker(server, host):
+    name, _ = host(max_workers=1, max_diffs=2, assignment_timeout=1)
+    first, held = request_cycle(server, name)
+    _, refused = request_cycle(server, name)
+    time.sleep(1.2)
+
+    _, admitted = request_cycle(server, name)
+    _, back = request_cycle(server, name, worker=first)
+
+    assert held["status"] == "accepted"
+    assert refused["status"] == "rejected" and refused["reason"] == "full"
+    assert admitted["status"] == "accepted"
+    assert back["status"] == "rejected" and back["reason"] == "full"
+
+
+def test_worker_back_after_expiry_gets_its_own_assignment_when_a_slot_is_free(
+    server, host
+):
+    name, _ = host(max_workers=2, max_diffs=2, assignment_timeout=1)
+    worker, first = request_cycle(server, name)
+    time.sleep(1.2)
+
+    _, again = request_cycle(server, name, worker=worker)
+    _, other = request_cycle(server, name)
+    _, third = request_cycle(server, name)
+
+    assert again["status"] == "accepted"
+    assert again["request_key"] == first["request_key"]
+    assert other["status"] == "accepted"
+    assert third["status"] == "rejected" and third["reason"] == "full"
+
+
+def test_retry_hint_is_capped_well_before_a_distant_deadline(server, host):
+    name, _ = host(max_workers=1, max_diffs=1, cycle_length=86400)
+    request_cycle(server, name)
+
+    _, refused = request_cycle(server, name)
+
+    assert refused["reason"] == "full"
+    assert 1 <= refused["timeout"] <= 60

@@ -124,3 +124,27 @@ def test_split_sql_keeps_semicolons_inside_strings_and_comments():
         "-- a; comment\nINSERT INTO t VALUES ('a;b');",
         "SELECT 1;",
     ]
+
+
+def test_reads_see_every_commit_made_before_them_while_other_reads_run(tmp_path):
+    async def scenario() -> list[tuple[int, str | None]]:
+        async with opened(tmp_path / "a.sqlite") as store:
+            stale = []
+            done = asyncio.Event()
+
+            async def reader() -> None:
+                while not done.is_set():
+                    await store.read.setting("counter")
+
+            readers = [asyncio.create_task(reader()) for _ in range(8)]
+            for value in range(200):
+                async with store.transaction() as queries:
+                    await queries.set_setting("counter", str(value))
+                seen = await store.read.setting("counter")
+                if seen != str(value):
+                    stale.append((value, seen))
+            done.set()
+            await asyncio.gather(*readers)
+            return stale
+
+    assert run(scenario()) == []

@@ -28,6 +28,13 @@ def main() -> None:
         "device trains for a cycle that closes before it reports",
     )
     parser.add_argument(
+        "--cycle-length",
+        type=float,
+        default=60,
+        help="seconds a cycle stays open: with fewer devices than --max-diffs "
+        "it closes then, on the diffs it has",
+    )
+    parser.add_argument(
         "--retrieve",
         action="store_true",
         help="print the latest checkpoint's test accuracy instead",
@@ -56,9 +63,12 @@ def main() -> None:
         client_config=digits.CLIENT_CONFIG,
         server_config={
             "num_cycles": args.cycles,
-            "cycle_length": 86400,
+            "cycle_length": args.cycle_length,
             "max_diffs": args.max_diffs,
             "max_workers": args.max_diffs,
+            # A device that took an assignment and vanished gives its slot
+            # back after this long, so it cannot hold a cycle open.
+            "assignment_timeout": 30,
             "minimum_upload_speed": 0,
             "minimum_download_speed": 0,
         },
