@@ -177,6 +177,11 @@ class Settings:
 # glibc's mallopt parameters (malloc.h).
 M_TRIM_THRESHOLD = -1
 M_MMAP_THRESHOLD = -3
+M_ARENA_MAX = -8
+# Every thread that allocates (the request threads, SQLite's, the hashing
+# and decoding threads) would otherwise get an arena of its own, each keeping
+# freed buffers; two arenas serve them all with little contention.
+MALLOC_ARENAS = 2
 
 
 def tune_runtime(threads: int, malloc_cache_bytes: int) -> str:
@@ -210,7 +215,11 @@ def tune_runtime(threads: int, malloc_cache_bytes: int) -> str:
         return applied + ", default malloc (no glibc mallopt here)"
     mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
     size = min(malloc_cache_bytes, 2**31 - 1)
-    if not (mallopt(M_MMAP_THRESHOLD, size) and mallopt(M_TRIM_THRESHOLD, size)):
+    if not (
+        mallopt(M_MMAP_THRESHOLD, size)
+        and mallopt(M_TRIM_THRESHOLD, size)
+        and mallopt(M_ARENA_MAX, MALLOC_ARENAS)
+    ):
         return applied + ", default malloc (mallopt refused the thresholds)"
     return applied + f", malloc keeps up to {size // MIB} MiB for reuse"
 
@@ -840,6 +849,10 @@ def check_metrics(raw: Any) -> dict[str, float]:
             )
         metrics[key] = float(value)
     return metrics
+
+
+def sha256_digest(data: bytes | memoryview) -> bytes:
+    return hashlib.sha256(data).digest()
 
 
 def short_id(worker_id: str) -> str:
@@ -1568,18 +1581,23 @@ class Federation:
                 "invalid_field",
             )
         metrics = check_metrics(body.get("metrics"))
-        digest = hashlib.sha256(diff_bytes).digest()
         cycle = assignment.cycle
 
         # Validation decodes the whole diff, so it runs before the write lock
         # is taken; a retry of an accepted report skips it. The tensors map
-        # the received body, and go into the running sum once stored.
+        # the received body, and go into the running sum once stored. The
+        # digest is computed meanwhile on the other core (hashlib and torch
+        # both let go of the GIL).
+        hashing = asyncio.create_task(asyncio.to_thread(sha256_digest, diff_bytes))
         tensors = None
-        if await self.store.read.report_of(assignment.id) is None:
-            if cycle.closed_at is not None:
-                raise self._closed(cycle)
-            spec = await self._spec(cycle.process_id)
-            tensors = await asyncio.to_thread(check_diff, diff_bytes, spec)
+        try:
+            if await self.store.read.report_of(assignment.id) is None:
+                if cycle.closed_at is not None:
+                    raise self._closed(cycle)
+                spec = await self._spec(cycle.process_id)
+                tensors = await asyncio.to_thread(check_diff, diff_bytes, spec)
+        finally:
+            digest = await hashing
 
         async with self.store.transaction() as queries:
             previous = await queries.report_of(assignment.id)
@@ -1929,36 +1947,43 @@ def federation_of(request: Request) -> Federation:
     return federation
 
 
-async def body_chunks(request: Request, idle_timeout_s: float) -> AsyncIterator[bytes]:
-    """The body's chunks as they arrive.
+async def receive(
+    request: Request, idle_timeout_s: float, sink: Callable[[bytes], None]
+) -> int:
+    """Hand the body's chunks to ``sink`` as they arrive; return the bytes.
+
+    One timeout is moved on with every chunk, rather than one per chunk:
+    a body arrives in thousands of chunks, and a timer each cost more than
+    the copying. ``sink`` may raise to stop reading.
 
     Raises:
         ApiError: 408 when no data arrives for ``idle_timeout_s``, so that a
-            stalled or trickling upload does not hold a connection forever.
+            stalled or trickling upload does not hold a connection forever;
+            400 when the client goes away mid-body.
     """
-    chunks = request.stream().__aiter__()
+    loop = asyncio.get_running_loop()
     received = 0
-    while True:
-        try:
-            chunk = await asyncio.wait_for(chunks.__anext__(), idle_timeout_s)
-        except StopAsyncIteration:
-            return
-        except ClientDisconnect as exc:
-            # Routine on flaky links: nobody is left to read the answer.
-            raise ApiError(
-                400,
-                "client_disconnected",
-                f"the client went away after {received} bytes of its body",
-            ) from exc
-        except TimeoutError as exc:
-            raise ApiError(
-                408,
-                "request_timeout",
-                f"no body data arrived for {idle_timeout_s:g} s after {received} "
-                "bytes; the upload was dropped",
-            ) from exc
-        received += len(chunk)
-        yield chunk
+    try:
+        async with asyncio.timeout(idle_timeout_s) as deadline:
+            async for chunk in request.stream():
+                received += len(chunk)
+                sink(chunk)
+                deadline.reschedule(loop.time() + idle_timeout_s)
+    except ClientDisconnect as exc:
+        # Routine on flaky links: nobody is left to read the answer.
+        raise ApiError(
+            400,
+            "client_disconnected",
+            f"the client went away after {received} bytes of its body",
+        ) from exc
+    except TimeoutError as exc:
+        raise ApiError(
+            408,
+            "request_timeout",
+            f"no body data arrived for {idle_timeout_s:g} s after {received} "
+            "bytes; the upload was dropped",
+        ) from exc
+    return received
 
 
 def check_uncompressed(request: Request) -> None:
@@ -2005,14 +2030,17 @@ async def read_body(
         )
     if size is None:
         buffer = bytearray()
-        async for chunk in body_chunks(request, idle_timeout_s):
-            buffer += chunk
+
+        def grow(chunk: bytes) -> None:
+            buffer.extend(chunk)
             if len(buffer) > limit:
                 raise ApiError(
                     413,
                     "payload_too_large",
                     f"body is over this route's limit of {limit} bytes",
                 )
+
+        await receive(request, idle_timeout_s, grow)
         if not slack:
             return buffer
         size = len(buffer)
@@ -2023,15 +2051,19 @@ async def read_body(
     # filled in place, never grown or copied (the server rejects a body
     # that runs past its Content-Length before it gets here).
     buffer = bytearray(size + slack)
-    received = 0
+    filled = 0
+
+    def fill(chunk: bytes) -> None:
+        nonlocal filled
+        if filled + len(chunk) > size:
+            raise bad_request(
+                f"body runs past its declared {size} bytes", "invalid_body"
+            )
+        view[filled : filled + len(chunk)] = chunk
+        filled += len(chunk)
+
     with memoryview(buffer) as view:
-        async for chunk in body_chunks(request, idle_timeout_s):
-            if received + len(chunk) > size:
-                raise bad_request(
-                    f"body runs past its declared {size} bytes", "invalid_body"
-                )
-            view[received : received + len(chunk)] = chunk
-            received += len(chunk)
+        received = await receive(request, idle_timeout_s, fill)
     if received != size:
         raise bad_request(
             f"body ended after {received} of its {size} declared bytes",
@@ -2203,7 +2235,9 @@ async def speed_test_upload(request: Request) -> Response:
         )
     received = 0
     started = time.perf_counter()
-    async for chunk in body_chunks(request, federation.settings.body_idle_timeout_s):
+
+    def count(chunk: bytes) -> None:
+        nonlocal received
         received += len(chunk)
         if received > SPEED_TEST_MAX_BYTES:
             raise ApiError(
@@ -2211,6 +2245,8 @@ async def speed_test_upload(request: Request) -> Response:
                 "payload_too_large",
                 f"speed-test upload is over the limit of {SPEED_TEST_MAX_BYTES} bytes",
             )
+
+    await receive(request, federation.settings.body_idle_timeout_s, count)
     seconds = max(time.perf_counter() - started, 1e-6)
     return respond(
         request,

@@ -20,12 +20,16 @@ import logging
 import sqlite3
 import sys
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import aiosqlite
+
+T = TypeVar("T")
+# What a blob is written from: the body as received, or an encoded buffer.
+BlobData = bytes | bytearray | memoryview
 
 store_logger = logging.getLogger("nimble_edge.store")
 
@@ -178,6 +182,63 @@ class Queries:
         async with self.db.execute(sql, params) as cursor:
             return cursor.lastrowid or 0
 
+    async def _on_connection(self, work: Callable[[sqlite3.Connection], T]) -> T:
+        """Run ``work`` with the raw connection, in the connection's own thread.
+
+        aiosqlite has no public way to reach ``blobopen``; its private
+        ``_execute`` queues a call on the connection's thread like every
+        statement (the pinned aiosqlite range in pyproject.toml keeps it).
+        """
+        db = self.db
+        result: T = await db._execute(lambda: work(db._conn))
+        return result
+
+    async def _insert_blob(
+        self, sql: str, params: tuple[Any, ...], table: str, column: str, data: BlobData
+    ) -> int:
+        """Insert a row whose last column is ``zeroblob(len(data))``, then fill it.
+
+        The bytes go from ``data`` straight into the database's pages: the
+        row is never built in memory with a copy of them.
+        """
+
+        def insert(connection: sqlite3.Connection) -> int:
+            cursor = connection.execute(sql, (*params, len(data)))
+            rowid = int(cursor.lastrowid or 0)
+            if len(data):
+                with connection.blobopen(table, column, rowid) as blob:
+                    blob.write(data)
+            return rowid
+
+        return await self._on_connection(insert)
+
+    async def _read_blobs(
+        self, sql: str, params: tuple[Any, ...], table: str, column: str
+    ) -> list[tuple[Any, bytes]]:
+        """Each row of ``sql`` (its rowid first) with its blob read in place.
+
+        One read transaction holds the rows and their blobs together, so a
+        concurrent write cannot remove a row between the two.
+        """
+
+        def read(connection: sqlite3.Connection) -> list[tuple[Any, bytes]]:
+            found = []
+            in_transaction = connection.in_transaction
+            if not in_transaction:
+                connection.execute("BEGIN")
+            try:
+                for row in connection.execute(sql, params).fetchall():
+                    with connection.blobopen(
+                        table, column, row[0], readonly=True
+                    ) as blob:
+                        found.append((row, blob.read()))
+            finally:
+                if not in_transaction:
+                    connection.execute("COMMIT")
+            return found
+
+        return await self._on_connection(read)
+
     # ------------------------------------------------------------ settings
 
     async def setting(self, key: str) -> str | None:
@@ -290,12 +351,15 @@ class Queries:
     # ------------------------------------------------------------ checkpoints
 
     async def insert_checkpoint(
-        self, process_id: int, number: int, value: bytes | bytearray, now: float
+        self, process_id: int, number: int, value: BlobData, now: float
     ) -> int:
-        return await self._run(
-            "INSERT INTO checkpoints (process_id, number, value, created_at) "
-            "VALUES (?, ?, ?, ?)",
-            (process_id, number, value, now),
+        return await self._insert_blob(
+            "INSERT INTO checkpoints (process_id, number, created_at, value) "
+            "VALUES (?, ?, ?, zeroblob(?))",
+            (process_id, number, now),
+            "checkpoints",
+            "value",
+            value,
         )
 
     async def checkpoint(
@@ -303,17 +367,16 @@ class Queries:
     ) -> tuple[int, bytes] | None:
         """``(id, value)`` of a checkpoint by number, or of the latest one."""
         if number is None:
-            row = await self._one(
-                "SELECT id, value FROM checkpoints WHERE process_id = ? "
-                "ORDER BY number DESC LIMIT 1",
-                (process_id,),
+            sql = (
+                "SELECT id FROM checkpoints WHERE process_id = ? "
+                "ORDER BY number DESC LIMIT 1"
             )
+            params: tuple[Any, ...] = (process_id,)
         else:
-            row = await self._one(
-                "SELECT id, value FROM checkpoints WHERE process_id = ? AND number = ?",
-                (process_id, number),
-            )
-        return None if row is None else (row["id"], bytes(row["value"]))
+            sql = "SELECT id FROM checkpoints WHERE process_id = ? AND number = ?"
+            params = (process_id, number)
+        found = await self._read_blobs(sql, params, "checkpoints", "value")
+        return None if not found else (int(found[0][0][0]), found[0][1])
 
     async def checkpoint_id(self, process_id: int, number: int) -> int | None:
         """The id of a checkpoint, without reading its value."""
@@ -526,24 +589,26 @@ class Queries:
     async def insert_report(
         self,
         assignment: Assignment,
-        diff: bytes | memoryview,
+        diff: BlobData,
         digest: bytes,
         num_samples: int,
         metrics: dict[str, float],
         now: float,
     ) -> None:
-        await self._run(
-            "INSERT INTO reports (assignment_id, cycle_id, diff, digest, "
-            "num_samples, metrics, reported_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+        await self._insert_blob(
+            "INSERT INTO reports (assignment_id, cycle_id, digest, num_samples, "
+            "metrics, reported_at, diff) VALUES (?, ?, ?, ?, ?, ?, zeroblob(?))",
             (
                 assignment.id,
                 assignment.cycle.id,
-                diff,
                 digest,
                 num_samples,
                 json.dumps(metrics) if metrics else None,
                 now,
             ),
+            "reports",
+            "diff",
+            diff,
         )
 
     async def drop_diffs(self, cycle_id: int) -> None:
@@ -566,21 +631,19 @@ class Queries:
 
     async def report_diff(self, assignment_id: int) -> tuple[bytes, int]:
         """``(diff, num_samples)`` of one report."""
-        row = await self._one(
-            "SELECT diff, num_samples FROM reports WHERE assignment_id = ?",
+        found = await self._read_blobs(
+            "SELECT assignment_id, num_samples FROM reports WHERE assignment_id = ?",
             (assignment_id,),
+            "reports",
+            "diff",
         )
-        return bytes(row["diff"]), int(row["num_samples"])
+        row, diff = found[0]
+        return diff, int(row[1])
 
     async def reports(self, cycle_id: int) -> AsyncIterator[tuple[bytes, int]]:
         """``(diff, num_samples)`` of each report of a cycle, one at a time."""
-        async with self.db.execute(
-            "SELECT diff, num_samples FROM reports WHERE cycle_id = ? "
-            "ORDER BY assignment_id",
-            (cycle_id,),
-        ) as cursor:
-            async for row in cursor:
-                yield bytes(row["diff"]), row["num_samples"]
+        for assignment_id in await self.report_ids(cycle_id):
+            yield await self.report_diff(assignment_id)
 
     async def delete_process(self, process_id: int) -> None:
         # Plans, checkpoints, cycles, workers, assignments and reports go with

@@ -148,3 +148,44 @@ def test_reads_see_every_commit_made_before_them_while_other_reads_run(tmp_path)
             return stale
 
     assert run(scenario()) == []
+
+
+def test_moving_blobs_last_keeps_every_checkpoint_and_diff(tmp_path, monkeypatch):
+    old = tmp_path / "migrations"
+    old.mkdir()
+    for _, _, path in migration_files():
+        if path.name < "0004":
+            (old / path.name).write_text(path.read_text())
+    monkeypatch.setattr(nimble_store, "MIGRATIONS_DIR", old)
+
+    async def migrate_to_0003():
+        async with opened(tmp_path / "db.sqlite"):
+            pass
+
+    run(migrate_to_0003())
+    db = sqlite3.connect(tmp_path / "db.sqlite")
+    with db:
+        db.executescript(
+            "INSERT INTO processes VALUES (1, 'p', '1', '{}', '{}', NULL, 0, NULL);"
+            "INSERT INTO checkpoints VALUES (1, 1, 1, x'0102', 0);"
+            "INSERT INTO cycles VALUES (1, 1, 1, 1, 0, 9, NULL, NULL, NULL);"
+            "INSERT INTO workers VALUES ('w', 1, NULL, 0);"
+            "INSERT INTO assignments VALUES (7, 1, 'w', 'key', 0);"
+            "INSERT INTO reports VALUES (7, 1, x'0304', x'aa', 5, NULL, 0);"
+        )
+    db.close()
+    monkeypatch.undo()
+
+    async def scenario():
+        async with opened(tmp_path / "db.sqlite") as store:
+            return (
+                store.applied,
+                await store.read.checkpoint(1, 1),
+                await store.read.report_diff(7),
+            )
+
+    applied, checkpoint, report = run(scenario())
+
+    assert applied == ["0004_blobs_last"]
+    assert checkpoint == (1, b"\x01\x02")
+    assert report == (b"\x03\x04", 5)
