@@ -1307,7 +1307,8 @@ class Federation:
         else:
             self._warn_open(process)
 
-        async with self.store.transaction() as queries:
+        # A worker lost to a power cut authenticates again: no sync needed.
+        async with self.store.transaction(is_synced=False) as queries:
             worker_id = None
             if subject is not None:
                 worker_id = await queries.worker_by_subject(process.id, subject)
@@ -1343,7 +1344,10 @@ class Federation:
         )
         speeds = self._speeds(body, process)
         now = time.time()
-        async with self.store.transaction() as queries:
+        # An assignment is synced by the report that uses it, which is synced
+        # before it is acknowledged; one lost to a power cut before that is
+        # asked for again.
+        async with self.store.transaction(is_synced=False) as queries:
             if await queries.worker_process_id(worker_id) != process.id:
                 raise ApiError(
                     401,

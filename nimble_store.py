@@ -885,8 +885,15 @@ class Store:
         return done
 
     @contextlib.asynccontextmanager
-    async def transaction(self) -> AsyncIterator[Queries]:
+    async def transaction(self, *, is_synced: bool = True) -> AsyncIterator[Queries]:
         """Hold the write connection for one immediate transaction.
+
+        Args:
+            is_synced: sync the WAL at the commit (``synchronous = FULL``).
+                False leaves the commit to be synced by the next synced one:
+                it survives a crash of the process, and a power cut only
+                once a later synced commit is done. For rows that a client
+                can ask for again (workers, assignments), never for reports.
 
         Raises:
             StorageError: 507 when the disk is full, 503 when the file cannot be
@@ -896,6 +903,9 @@ class Store:
         async with self._lock:
             if self._is_wal_over:
                 await self._restart_wal()
+            # Set for every transaction, so that no earlier one can leave it.
+            level = "FULL" if is_synced else "NORMAL"
+            await self._writer.execute(f"PRAGMA synchronous = {level}")
             try:
                 await self._writer.execute("BEGIN IMMEDIATE")
                 yield Queries(self._writer)

@@ -315,8 +315,11 @@ def sqlite_line() -> str:
         (secure_delete,) = db.execute("PRAGMA secure_delete").fetchone()
     finally:
         db.close()
-    state = "on" if secure_delete else "off"
-    return f"SQLite {sqlite3.sqlite_version}, secure_delete {state} by default"
+    built = "on" if secure_delete else "off"
+    return (
+        f"SQLite {sqlite3.sqlite_version} (secure_delete {built} as built; serve "
+        "sets FAST)"
+    )
 
 
 # ---------------------------------------------------------------- a sender
