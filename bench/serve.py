@@ -322,27 +322,10 @@ def reference_label(kind: str) -> str:
 
 
 def host_model(address: str, token: str) -> None:
-    """Host a process with a 10M-parameter model and a tiny valid plan."""
+    """Host a process with a 10M-parameter model and no plans (none is run)."""
     import torch
-    import torch.nn.functional as F
 
-    from plan_runtime import ModelCentricFLClient, make_plan
-
-    # The plan is never run here; any valid one will do, whatever the model.
-    @make_plan
-    def training_plan(
-        xs: torch.Tensor = torch.zeros(8, 4),
-        ys: torch.Tensor = torch.zeros(8, dtype=torch.long),
-        batch_size: torch.Tensor = torch.tensor(8),
-        lr: torch.Tensor = torch.tensor(0.1),
-        params: list[torch.Tensor] = [torch.zeros(3, 4), torch.zeros(3)],
-    ) -> tuple[torch.Tensor, ...]:
-        weight, bias = (p.requires_grad_() for p in params)
-        logits = xs @ weight.t() + bias
-        loss = F.cross_entropy(logits, ys)
-        grad_w, grad_b = torch.autograd.grad(loss, [weight, bias])
-        accuracy = (logits.argmax(1) == ys).float().mean()
-        return loss, accuracy, weight - lr * grad_w, bias - lr * grad_b
+    from plan_runtime import ModelCentricFLClient
 
     generator = torch.Generator().manual_seed(0)
     model = {
@@ -354,7 +337,7 @@ def host_model(address: str, token: str) -> None:
     try:
         client.host_federated_training(
             model=model,
-            client_plans={"training_plan": training_plan},
+            client_plans={},
             client_protocols={},
             server_averaging_plan=None,
             client_config={"name": NAME, "version": VERSION, "batch_size": 8},
