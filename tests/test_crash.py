@@ -28,8 +28,8 @@ from tests.conftest import ServerProcess
 CYCLES = 8
 WORKERS = 3
 SHAPES = [(512, 512), (512,)]
-# Float32 diffs averaged in float64 and stored as float32 once per cycle:
-# eight roundings of values near 1 stay far below this.
+# Float32 diffs summed in float32 and stored once per cycle: the roundings of
+# three adds and a division per cycle, over eight cycles, stay far below this.
 TOLERANCE = 1e-5
 
 
