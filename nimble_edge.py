@@ -150,6 +150,9 @@ SPEED_TEST_CHUNK = 64 * KIB
 MAX_MODEL_TENSORS = 100_000
 # Ten years: longer cycles would give timeouts no client can represent.
 MAX_CYCLE_LENGTH_S = 315_360_000
+# The most items (values, list entries, map entries) a control message holds,
+# in CBOR or JSON; a report's diff is one item, its tensors are not counted.
+MESSAGE_MAX_ITEMS = 4096
 # Counts in a server_config (cycles, diffs, workers) stay within 32 bits, so
 # that every client and every CBOR or JSON library reads them back as they are.
 MAX_CONFIG_WHOLE = 2**31 - 1
@@ -338,8 +341,19 @@ def decode_body(
         ApiError: 400 for a malformed body, 415 for another media type.
     """
     if is_json_type(content_type):
+        text = bytes(data) if isinstance(data, memoryview) else data
+        # Every item but the first follows a comma or opens a list or map, so
+        # this bounds the items (commas inside strings count too) before the
+        # parser builds one object per item, as CBOR's item budget does.
+        items = text.count(b",") + text.count(b"[") + text.count(b"{")
+        if items > MESSAGE_MAX_ITEMS:
+            raise bad_request(
+                f"JSON body holds about {items} items; a message holds at most "
+                f"{MESSAGE_MAX_ITEMS}",
+                "invalid_body",
+            )
         try:
-            body = json.loads(bytes(data) if isinstance(data, memoryview) else data)
+            body = json.loads(text)
         except (ValueError, RecursionError) as exc:
             raise bad_request(f"body is not valid JSON: {exc}", "invalid_body") from exc
         check_text(body)
@@ -949,6 +963,7 @@ class Federation:
         self._cache_lock = asyncio.Lock()
         self._sums: dict[int, RunningSum] = {}
         self._hosts_averaging: dict[int, bool] = {}
+        self._generations: dict[int, int] = {}
         self._clock_wakeup = asyncio.Event()
         self._clock_task: asyncio.Task[None] | None = None
         self._warned_open: set[int] = set()
@@ -1153,13 +1168,17 @@ class Federation:
         return process
 
     async def _spec(self, process_id: int) -> Spec:
-        if process_id not in self._specs:
+        spec = self._specs.get(process_id)
+        if spec is None:
+            generation = self._generation(process_id)
             found = await self.store.read.checkpoint(process_id, 1)
             if found is None:
                 raise process_gone()
             model = await asyncio.to_thread(decode_state, found[1], copy=False)
-            self._specs[process_id] = state_spec(model)
-        return self._specs[process_id]
+            spec = state_spec(model)
+            if self._generation(process_id) == generation:
+                self._specs[process_id] = spec
+        return spec
 
     # ------------------------------------------------------------ cached bytes
 
@@ -1179,27 +1198,43 @@ class Federation:
             cached = self._checkpoints.get(process_id)
             if cached is not None and cached.number == number:
                 return cached
+            generation = self._generation(process_id)
             found = await self.store.read.checkpoint(process_id, number)
             if found is None:
                 return None
             blob = await asyncio.to_thread(Blob.of, found[1])
             loaded = CachedCheckpoint(found[0], number, blob)
-            if cached is None or number > cached.number:
+            is_current = self._generation(process_id) == generation
+            if is_current and (cached is None or number > cached.number):
                 self._checkpoints[process_id] = loaded
         return loaded
 
     async def plan_of(self, process_id: int, plan_id: int, suffix: str) -> Blob | None:
         """A plan (or one of its forms) as bytes ready to send."""
         key = (process_id, plan_id, suffix)
-        if key not in self._plans:
+        blob = self._plans.get(key)
+        if blob is None:
+            generation = self._generation(process_id)
             found = await self.store.read.plan(plan_id, process_id, suffix)
             if found is None:
                 return None
-            self._plans[key] = await asyncio.to_thread(Blob.of, found)
-        return self._plans[key]
+            blob = await asyncio.to_thread(Blob.of, found)
+            if self._generation(process_id) == generation:
+                self._plans[key] = blob
+        return blob
+
+    def _generation(self, process_id: int) -> int:
+        """How many times a process id's caches were dropped.
+
+        A cache is filled across awaits; a fill that began before a reset
+        (which keeps the process's id) or a delete must not store what it
+        read once the caches were dropped.
+        """
+        return self._generations.get(process_id, 0)
 
     def _forget(self, process_id: int) -> None:
         """Drop what is cached of a process that was deleted or reset."""
+        self._generations[process_id] = self._generation(process_id) + 1
         self._specs.pop(process_id, None)
         self._checkpoints.pop(process_id, None)
         self._hosts_averaging.pop(process_id, None)
@@ -1434,10 +1469,12 @@ class Federation:
         for key in ("download", "upload"):
             value = field_of(body, key, (int, float), default=None)
             if value is None or not is_number(value) or value < 0:
+                shown = "" if value is None else f"; got {value!r:.40}"
                 raise bad_request(
                     f"{process.label} needs a speed test: send {key!r} as the "
-                    "measured megabits per second (see /model-centric/speed-test)",
-                    "missing_field",
+                    "measured megabits per second, a finite number from 0 (see "
+                    f"/model-centric/speed-test){shown}",
+                    "missing_field" if value is None else "invalid_field",
                 )
             speeds.append(float(value))
         return speeds[0], speeds[1]
@@ -1604,6 +1641,10 @@ class Federation:
             digest = await hashing
 
         async with self.store.transaction() as queries:
+            # Deleted or reset since the lookup: ids are never reused, so a
+            # missing row is the only way it shows.
+            if await queries.assignment(assignment.request_key) is None:
+                raise process_gone()
             previous = await queries.report_of(assignment.id)
             if previous is not None:
                 if previous != (digest, num_samples):
@@ -1681,6 +1722,7 @@ class Federation:
             if cycle is None or cycle.closed_at is not None:
                 return False
             process = await queries.process_by_id(cycle.process_id)
+            generation = self._generation(process.id)
             count = 0 if discard else await queries.report_count(cycle.id)
             if count == 0 and not discard:
                 return False
@@ -1722,7 +1764,8 @@ class Federation:
             # The next cycle's workers download this: it is served from here.
             blob = await asyncio.to_thread(Blob.of, encoded)
             cached = CachedCheckpoint(checkpoint_id, checkpoint_number, blob)
-            self._checkpoints[process.id] = cached
+            if self._generation(process.id) == generation:
+                self._checkpoints[process.id] = cached
         if error is not None:
             cycle_logger.warning(
                 "Cycle %d of %s closed without a new checkpoint: %s",
@@ -1797,37 +1840,51 @@ class Federation:
         now = time.time()
         next_deadline = None
         for cycle, process, reports in await self.store.read.open_cycles():
-            config = process.server_config
-            is_full = config["max_diffs"] is not None and reports >= config["max_diffs"]
-            is_due = cycle.deadline_at <= now
-            if is_full or (is_due and reports >= config["min_diffs"]):
-                await self.close_cycle(cycle.id)
+            try:
+                deadline = await self._tend(cycle, process, reports, now)
+            except StorageError as exc:
+                # Deleted or reset since the scan began: nothing left to tend.
+                if exc.code != "process_not_found":
+                    raise
                 continue
-            if is_due and config["on_deadline"] == "close":
-                cycle_logger.info(
-                    "Cycle %d of %s reached its deadline with %d (out of %d) diffs",
-                    cycle.number,
-                    process.label,
-                    reports,
-                    config["min_diffs"],
-                )
-                await self.close_cycle(cycle.id, discard=True)
-                continue
-
-            deadline = cycle.deadline_at
-            if is_due:
-                deadline = now + config["cycle_length"]
-                async with self.store.transaction() as queries:
-                    await queries.set_deadline(cycle.id, deadline)
-                cycle_logger.debug(
-                    "Cycle %d of %s extended: %d (out of %d) diffs by its deadline",
-                    cycle.number,
-                    process.label,
-                    reports,
-                    config["min_diffs"],
-                )
-            next_deadline = min(deadline, next_deadline or deadline)
+            if deadline is not None:
+                next_deadline = min(deadline, next_deadline or deadline)
         return next_deadline
+
+    async def _tend(
+        self, cycle: Cycle, process: Process, reports: int, now: float
+    ) -> float | None:
+        """Close or extend one open cycle; return its deadline if it stays open."""
+        config = process.server_config
+        is_full = config["max_diffs"] is not None and reports >= config["max_diffs"]
+        is_due = cycle.deadline_at <= now
+        if is_full or (is_due and reports >= config["min_diffs"]):
+            await self.close_cycle(cycle.id)
+            return None
+        if is_due and config["on_deadline"] == "close":
+            cycle_logger.info(
+                "Cycle %d of %s reached its deadline with %d (out of %d) diffs",
+                cycle.number,
+                process.label,
+                reports,
+                config["min_diffs"],
+            )
+            await self.close_cycle(cycle.id, discard=True)
+            return None
+
+        deadline = cycle.deadline_at
+        if is_due:
+            deadline = now + config["cycle_length"]
+            async with self.store.transaction() as queries:
+                await queries.set_deadline(cycle.id, deadline)
+            cycle_logger.debug(
+                "Cycle %d of %s extended: %d (out of %d) diffs by its deadline",
+                cycle.number,
+                process.label,
+                reports,
+                config["min_diffs"],
+            )
+        return deadline
 
     async def _clock(self) -> None:
         """Close cycles on time by the server's own clock, not only on reports."""
@@ -2111,11 +2168,16 @@ async def message(
     idle_timeout_s = federation_of(request).settings.body_idle_timeout_s
     content_type = request.headers.get("content-type", "")
     if is_json_type(content_type):
-        # Byte strings travel as base64 in JSON: 4 characters for 3 bytes.
-        limit = limit * 4 // 3 + 4096
+        # Byte strings travel as base64 in JSON: 4 characters for 3 bytes,
+        # and some encoders write base64's "/" as "\/" (up to 1/64 more).
+        limit = limit * 7 // 5 + 4096
     slack = STATE_ALIGN_BYTES if align else 0
     data = await read_body(request, limit, idle_timeout_s, slack=slack)
-    body = decode_body(data, content_type, views=views)
+    if len(data) > MIB:
+        # A large JSON body takes a while to parse; the loop serves others.
+        body = await asyncio.to_thread(decode_body, data, content_type, views=views)
+    else:
+        body = decode_body(data, content_type, views=views)
     if not isinstance(body, dict):
         raise bad_request(
             f"body must be a map; got {type(body).__name__}", "invalid_body"
@@ -2386,6 +2448,7 @@ def serve(args: argparse.Namespace) -> int:
     # Open the store once before listening, so that a read-only or full disk
     # is one clear error line instead of a failed application start-up.
     asyncio.run(check_store(settings.db_path))
+    check_port(args.host, args.port)
 
     config = uvicorn.Config(
         create_app(settings),
@@ -2409,6 +2472,24 @@ def serve(args: argparse.Namespace) -> int:
         print("error: the server did not start; see the log above", file=sys.stderr)
         return 1
     return 0
+
+
+def check_port(host: str, port: int) -> None:
+    """Raise RuntimeError if ``host:port`` cannot be listened on.
+
+    uvicorn exits on its own when it cannot bind, before ``serve`` could
+    say why on one line; binding once first gives the error line instead.
+    """
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    try:
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind((host, port))
+    except OSError as exc:
+        raise RuntimeError(
+            f"cannot listen on {host}:{port}: {exc.strerror or exc}; is another "
+            "server on that port? Choose one with --port"
+        ) from exc
 
 
 async def check_store(path: Path) -> None:

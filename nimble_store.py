@@ -239,6 +239,24 @@ class Queries:
 
         return await self._on_connection(read)
 
+    async def _next_id(self, table: str) -> int:
+        """A new id for ``table``, never one that a deleted row had.
+
+        SQLite gives a new row the largest id plus one, so deleting the
+        newest process, cycle, assignment or checkpoint would hand its id to
+        the next one, while requests in flight and caches still name the old
+        row by it. A counter per table in ``settings`` (inside the caller's
+        transaction) hands out each id once.
+        """
+        assert table in ("processes", "cycles", "assignments", "checkpoints")
+        key = f"next_id:{table}"
+        stored = await self.setting(key)
+        if stored is None:
+            row = await self._one(f"SELECT coalesce(max(id), 0) AS top FROM {table}")
+            stored = str(int(row["top"]) + 1)
+        await self.set_setting(key, str(int(stored) + 1))
+        return int(stored)
+
     # ------------------------------------------------------------ settings
 
     async def setting(self, key: str) -> str | None:
@@ -286,9 +304,16 @@ class Queries:
         now: float,
     ) -> int:
         return await self._run(
-            "INSERT INTO processes (name, version, client_config, server_config, "
-            "created_at) VALUES (?, ?, ?, ?, ?)",
-            (name, version, json.dumps(client_config), json.dumps(server_config), now),
+            "INSERT INTO processes (id, name, version, client_config, server_config, "
+            "created_at) VALUES (?, ?, ?, ?, ?, ?)",
+            (
+                await self._next_id("processes"),
+                name,
+                version,
+                json.dumps(client_config),
+                json.dumps(server_config),
+                now,
+            ),
         )
 
     async def complete_process(self, process_id: int, now: float) -> None:
@@ -354,9 +379,9 @@ class Queries:
         self, process_id: int, number: int, value: BlobData, now: float
     ) -> int:
         return await self._insert_blob(
-            "INSERT INTO checkpoints (process_id, number, created_at, value) "
-            "VALUES (?, ?, ?, zeroblob(?))",
-            (process_id, number, now),
+            "INSERT INTO checkpoints (id, process_id, number, created_at, value) "
+            "VALUES (?, ?, ?, ?, zeroblob(?))",
+            (await self._next_id("checkpoints"), process_id, number, now),
             "checkpoints",
             "value",
             value,
@@ -403,9 +428,16 @@ class Queries:
         deadline_at: float,
     ) -> None:
         await self._run(
-            "INSERT INTO cycles (process_id, number, checkpoint_number, started_at, "
-            "deadline_at) VALUES (?, ?, ?, ?, ?)",
-            (process_id, number, checkpoint_number, now, deadline_at),
+            "INSERT INTO cycles (id, process_id, number, checkpoint_number, "
+            "started_at, deadline_at) VALUES (?, ?, ?, ?, ?, ?)",
+            (
+                await self._next_id("cycles"),
+                process_id,
+                number,
+                checkpoint_number,
+                now,
+                deadline_at,
+            ),
         )
 
     async def open_cycle(self, process_id: int) -> Cycle | None:
@@ -455,13 +487,16 @@ class Queries:
             "SELECT c.*, (SELECT count(*) FROM reports r WHERE r.cycle_id = c.id) "
             "AS reports FROM cycles c WHERE c.closed_at IS NULL ORDER BY c.id"
         )
+        # Read apart from the cycles, so a process deleted in between is
+        # simply left out.
+        processes = {
+            row["id"]: Process.from_row(row)
+            for row in await self._all("SELECT * FROM processes")
+        }
         return [
-            (
-                Cycle.from_row(row),
-                await self.process_by_id(row["process_id"]),
-                row["reports"],
-            )
+            (Cycle.from_row(row), processes[row["process_id"]], row["reports"])
             for row in rows
+            if row["process_id"] in processes
         ]
 
     # ------------------------------------------------------------ workers
@@ -555,9 +590,9 @@ class Queries:
         self, cycle_id: int, worker_id: str, request_key: str, now: float
     ) -> None:
         await self._run(
-            "INSERT INTO assignments (cycle_id, worker_id, request_key, assigned_at) "
-            "VALUES (?, ?, ?, ?)",
-            (cycle_id, worker_id, request_key, now),
+            "INSERT INTO assignments (id, cycle_id, worker_id, request_key, "
+            "assigned_at) VALUES (?, ?, ?, ?, ?)",
+            (await self._next_id("assignments"), cycle_id, worker_id, request_key, now),
         )
 
     async def assignment(self, request_key: str) -> Assignment | None:

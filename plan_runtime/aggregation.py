@@ -176,17 +176,32 @@ def _integer_step(
     mean: torch.Tensor,
     target: torch.Tensor | None,
 ) -> torch.Tensor:
-    """``tensor - mean`` for an integer tensor, refused rather than wrapped."""
+    """``tensor - mean`` for an integer tensor, exact, refused rather than wrapped.
+
+    Narrow integers are exact in float64; int64 is subtracted as int64, as
+    its values past 2**53 are not, and an overflow shows as a result on the
+    wrong side of the checkpoint's value.
+    """
+    refusal = AggregationError(
+        f"the next checkpoint of tensor {name!r} would leave the range of "
+        f"{DTYPE_NAMES[tensor.dtype]}; no checkpoint was written"
+    )
+    if tensor.dtype == torch.int64:
+        if mean.numel() and float(mean.abs().max()) >= 2.0**62:
+            raise refusal
+        step = mean.to(torch.int64)
+        result = tensor - step
+        wrapped = ((step > 0) & (result > tensor)) | ((step < 0) & (result < tensor))
+        if bool(wrapped.any()):
+            raise refusal
+        return result if target is None else target.copy_(result)
+
     exact = tensor.to(torch.float64) - mean.to(torch.float64)
     if exact.numel():
         info = torch.iinfo(tensor.dtype) if tensor.dtype != torch.bool else None
         low, high = (0, 1) if info is None else (info.min, info.max)
         if float(exact.min()) < low or float(exact.max()) > high:
-            raise AggregationError(
-                f"the next checkpoint of tensor {name!r} would leave the range of "
-                f"{DTYPE_NAMES[tensor.dtype]} ({low} to {high}); no checkpoint "
-                "was written"
-            )
+            raise refusal
     if target is not None:
         return target.copy_(exact)
     return exact.to(tensor.dtype)

@@ -49,6 +49,8 @@ from plan_runtime.state import (
     _STATE_DECODERS,
     DTYPE_NAMES,
     DTYPES_BY_NAME,
+    MAX_DIMS,
+    MAX_ELEMENTS,
     StateError,
     _loads,
     decode_tensor,
@@ -673,9 +675,16 @@ def _load_inputs(raw: Any) -> list[InputSpec]:
         shape = entry.get("shape")
         _require(
             isinstance(shape, list)
-            and len(shape) <= 32
-            and all(type(d) is int and d >= 0 for d in shape),
-            f"input {index} shape must be a list of non-negative integers",
+            and len(shape) <= MAX_DIMS
+            and all(type(d) is int and 0 <= d <= MAX_ELEMENTS for d in shape),
+            f"input {index} shape must be a list of at most {MAX_DIMS} integers "
+            f"from 0 to {MAX_ELEMENTS}",
+        )
+        # Also when a 0 makes it empty: the strides of the other dimensions
+        # would still overflow.
+        _require(
+            math.prod(d for d in shape if d) <= MAX_ELEMENTS,
+            f"input {index} shape {shape} holds more than {MAX_ELEMENTS} elements",
         )
         name = entry.get("name")
         _require(isinstance(name, str), f"input {index} name must be a string")

@@ -106,6 +106,16 @@ class Worker:
             )
         return self._worker_ids[key]
 
+    def forget(self, worker_id: str) -> None:
+        """Drop a worker id the server no longer knows; the next job authenticates.
+
+        The server forgets workers when their process is deleted, or hosted
+        again under the same name.
+        """
+        for key in [k for k, v in self._worker_ids.items() if v == worker_id]:
+            del self._worker_ids[key]
+        self._needs_speed_test.pop(worker_id, None)
+
     def speed_test(self, worker_id: str) -> dict[str, float]:
         """Measure ping (ms) and download and upload speed (Mbit/s).
 
@@ -188,6 +198,10 @@ class Job:
         try:
             return self._start()
         except Exception as exc:
+            is_unknown = isinstance(exc, ServerError) and exc.code == "unknown_worker"
+            if is_unknown and self.worker_id is not None:
+                # Authenticate afresh on the next start, as the error says.
+                self.worker.forget(self.worker_id)
             if self.on_error is None:
                 raise
             self.on_error(exc)

@@ -220,3 +220,19 @@ def test_a_float32_step_that_overflows_is_refused():
 
     with pytest.raises(AggregationError, match="overflows float32"):
         accumulator.result()
+
+
+def test_int64_tensors_keep_every_bit_through_a_zero_step():
+    values = [2**53 + 1, 2**62 + 1, 12345678901234567, 2**63 - 1]
+    accumulator = aggregation.Accumulator({"step": torch.tensor(values)})
+    accumulator.add({"step": torch.zeros(4, dtype=torch.int64)}, 1)
+
+    assert accumulator.result()["step"].tolist() == values
+
+
+def test_int64_step_past_the_largest_value_is_refused():
+    accumulator = aggregation.Accumulator({"step": torch.tensor([2**63 - 1])})
+    accumulator.add({"step": torch.tensor([-1])}, 1)
+
+    with pytest.raises(AggregationError, match="would leave the range"):
+        accumulator.result()

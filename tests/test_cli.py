@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import sqlite3
 import subprocess
 import sys
@@ -95,3 +96,16 @@ def test_token_for_a_database_that_does_not_exist_creates_nothing(tmp_path):
 
     assert result.returncode == 1 and "no database at" in result.stderr
     assert not db.exists()
+
+
+def test_serve_on_a_port_in_use_says_so_in_one_line(tmp_path):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+
+        result = cli("serve", "--db", str(tmp_path / "x.sqlite"), "--port", str(port))
+
+    assert result.returncode == 1
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"error: cannot listen on 127.0.0.1:{port}")

@@ -488,7 +488,7 @@ def test_speed_numbers_too_large_for_a_float_are_refused(server, host):
         headers={"Content-Type": "application/json"},
     )
 
-    assert_envelope(response, 400, "missing_field")
+    assert_envelope(response, 400, "invalid_field")
 
 
 def test_media_types_are_matched_without_regard_to_case(server, host):
@@ -523,3 +523,15 @@ def test_compressed_speed_test_upload_is_refused(server, assigned):
     )
 
     assert_envelope(response, 415, "unsupported_media_type")
+
+
+def test_json_with_more_items_than_a_message_holds_is_refused(server):
+    text = "[" + ",".join(["[]"] * 5000) + "]"
+
+    response = httpx.post(
+        f"{server.url}/model-centric/report",
+        content=text.encode(),
+        headers={"Content-Type": "application/json"},
+    )
+
+    assert "at most 4096" in assert_envelope(response, 400, "invalid_body")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sqlite3
 import subprocess
 import sys
 
@@ -176,3 +177,56 @@ def test_cli_without_a_server_prints_an_error(tmp_path):
 
     assert result.returncode == 1
     assert result.stderr.strip().splitlines()[-1].startswith("error: cannot reach")
+
+
+def test_worker_authenticates_again_after_its_process_is_hosted_anew(
+    server, admin, host
+):
+    name, version = host(max_diffs=1)
+    worker = Worker(server.address)
+    errors = []
+    job = worker.new_job(name)
+    job.on_ready = lambda model, plans, config: job.report(
+        {k: torch.ones_like(t) for k, t in model.items()}
+    )
+    job.on_error = errors.append
+    assert job.start() and job.start()
+    admin.delete_process(name, version)
+    admin.host_federated_training(
+        model=[torch.zeros(3, 4), torch.zeros(3)],
+        client_plans={},
+        client_config={"name": name, "version": version},
+        server_config={"max_diffs": 1},
+    )
+
+    refused = job.start()
+    admitted = job.start()
+
+    assert refused is False
+    assert [e.code for e in errors] == ["unknown_worker"]
+    assert admitted is True
+
+
+def test_ids_are_never_given_again_after_a_delete_or_a_reset(server, admin, host):
+    name, version = host(max_diffs=1)
+    db = sqlite3.connect(server.db_path)
+
+    def ids(table: str) -> set[int]:
+        return {row[0] for row in db.execute(f"SELECT id FROM {table}")}
+
+    train_one_cycle(server, name)
+    (first,) = db.execute("SELECT id FROM processes WHERE name = ?", (name,)).fetchone()
+    cycles_before = ids("cycles")
+    admin.reset_process(name, version)
+    cycles_after_reset = ids("cycles") - cycles_before
+    admin.delete_process(name, version)
+    answer = admin.host_federated_training(
+        model=[torch.zeros(3, 4), torch.zeros(3)],
+        client_plans={},
+        client_config={"name": name, "version": version},
+        server_config={},
+    )
+    db.close()
+
+    assert answer["process_id"] > first
+    assert cycles_after_reset and min(cycles_after_reset) > max(cycles_before)
