@@ -878,6 +878,16 @@ def short_id(worker_id: str) -> str:
     return worker_id[:8] + "…"
 
 
+def slots_since(config: Mapping[str, Any], now: float) -> float | None:
+    """When the oldest unreported assignment still holding a slot was made.
+
+    None when assignments hold their slots until the cycle closes (no
+    ``assignment_timeout``).
+    """
+    timeout = config["assignment_timeout"]
+    return None if timeout is None else now - timeout
+
+
 def seconds_until(moment: float, now: float) -> int:
     """Whole seconds from ``now`` until ``moment``, never negative."""
     return max(0, math.ceil(moment - now))
@@ -1395,8 +1405,7 @@ class Federation:
             assert cycle is not None, f"{process.label} has no open cycle"
 
             existing = await queries.assignment_in(cycle.id, worker_id)
-            timeout = process.server_config["assignment_timeout"]
-            since = None if timeout is None else now - timeout
+            since = slots_since(process.server_config, now)
             if (
                 existing is not None
                 and not existing.has_reported
@@ -1502,12 +1511,26 @@ class Federation:
             return "cycle over"
         if existing is not None and existing.has_reported:
             return "already assigned"
+        if existing is None:
+            # A worker back for its expired assignment passed these already.
+            reason = await self._ineligibility(
+                queries, config, cycle, worker_id, speeds
+            )
+            if reason is not None:
+                return reason
         most = config["max_workers"] or self.settings.max_open_assignments
-        timeout = config["assignment_timeout"]
-        since = None if timeout is None else now - timeout
-        if existing is not None:
-            is_taken = await queries.assignment_count(cycle.id, since) >= most
-            return "full" if is_taken else None
+        held = await queries.assignment_count(cycle.id, slots_since(config, now))
+        return "full" if held >= most else None
+
+    async def _ineligibility(
+        self,
+        queries: Queries,
+        config: dict[str, Any],
+        cycle: Cycle,
+        worker_id: str,
+        speeds: tuple[float, float] | None,
+    ) -> str | None:
+        """Why a new worker may not join ``cycle`` whatever its slots, or None."""
         if speeds is not None and (
             speeds[0] < config["minimum_download_speed"]
             or speeds[1] < config["minimum_upload_speed"]
@@ -1522,8 +1545,6 @@ class Federation:
             worker_id, cycle, config["selection_probability"]
         ):
             return "not eligible"
-        if await queries.assignment_count(cycle.id, since) >= most:
-            return "full"
         return None
 
     def _selected(self, worker_id: str, cycle: Cycle, probability: float) -> bool:
@@ -1641,10 +1662,6 @@ class Federation:
             digest = await hashing
 
         async with self.store.transaction() as queries:
-            # Deleted or reset since the lookup: ids are never reused, so a
-            # missing row is the only way it shows.
-            if await queries.assignment(assignment.request_key) is None:
-                raise process_gone()
             previous = await queries.report_of(assignment.id)
             if previous is not None:
                 if previous != (digest, num_samples):

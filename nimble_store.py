@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import math
 import sqlite3
 import sys
 import time
@@ -212,30 +213,28 @@ class Queries:
 
         return await self._on_connection(insert)
 
-    async def _read_blobs(
+    async def _read_blob(
         self, sql: str, params: tuple[Any, ...], table: str, column: str
-    ) -> list[tuple[Any, bytes]]:
-        """Each row of ``sql`` (its rowid first) with its blob read in place.
+    ) -> tuple[Any, bytes] | None:
+        """The first row of ``sql`` (its rowid first) with its blob read in place.
 
-        One read transaction holds the rows and their blobs together, so a
-        concurrent write cannot remove a row between the two.
+        One read transaction holds the row and its blob together, so a
+        concurrent write cannot remove the row between the two.
         """
 
-        def read(connection: sqlite3.Connection) -> list[tuple[Any, bytes]]:
-            found = []
+        def read(connection: sqlite3.Connection) -> tuple[Any, bytes] | None:
             in_transaction = connection.in_transaction
             if not in_transaction:
                 connection.execute("BEGIN")
             try:
-                for row in connection.execute(sql, params).fetchall():
-                    with connection.blobopen(
-                        table, column, row[0], readonly=True
-                    ) as blob:
-                        found.append((row, blob.read()))
+                row = connection.execute(sql, params).fetchone()
+                if row is None:
+                    return None
+                with connection.blobopen(table, column, row[0], readonly=True) as blob:
+                    return row, blob.read()
             finally:
                 if not in_transaction:
                     connection.execute("COMMIT")
-            return found
 
         return await self._on_connection(read)
 
@@ -400,8 +399,8 @@ class Queries:
         else:
             sql = "SELECT id FROM checkpoints WHERE process_id = ? AND number = ?"
             params = (process_id, number)
-        found = await self._read_blobs(sql, params, "checkpoints", "value")
-        return None if not found else (int(found[0][0][0]), found[0][1])
+        found = await self._read_blob(sql, params, "checkpoints", "value")
+        return None if found is None else (int(found[0][0]), found[1])
 
     async def checkpoint_id(self, process_id: int, number: int) -> int | None:
         """The id of a checkpoint, without reading its value."""
@@ -567,16 +566,11 @@ class Queries:
         With ``since``, an unreported assignment made before it has expired
         and no longer counts; a reported one always does.
         """
-        if since is None:
-            row = await self._one(
-                "SELECT count(*) AS n FROM assignments WHERE cycle_id = ?", (cycle_id,)
-            )
-            return int(row["n"])
         row = await self._one(
             "SELECT count(*) AS n FROM assignments a WHERE a.cycle_id = ? AND "
             "(a.assigned_at >= ? OR EXISTS "
             "(SELECT 1 FROM reports r WHERE r.assignment_id = a.id))",
-            (cycle_id, since),
+            (cycle_id, -math.inf if since is None else since),
         )
         return int(row["n"])
 
@@ -666,13 +660,14 @@ class Queries:
 
     async def report_diff(self, assignment_id: int) -> tuple[bytes, int]:
         """``(diff, num_samples)`` of one report."""
-        found = await self._read_blobs(
+        found = await self._read_blob(
             "SELECT assignment_id, num_samples FROM reports WHERE assignment_id = ?",
             (assignment_id,),
             "reports",
             "diff",
         )
-        row, diff = found[0]
+        assert found is not None, f"no report for assignment {assignment_id}"
+        row, diff = found
         return diff, int(row[1])
 
     async def reports(self, cycle_id: int) -> AsyncIterator[tuple[bytes, int]]:
@@ -768,7 +763,6 @@ class Store:
         self._is_wal_over = False
         self._lock = asyncio.Lock()
         self.applied: list[str] = []
-        self.checkpoints = 0
 
     async def open(self) -> None:
         store_logger.info("Opening store %s", self.path)
@@ -873,7 +867,6 @@ class Store:
                 delay = min(delay * 2, 30.0)
                 continue
             delay = self._checkpoint_idle_s
-            self.checkpoints += 1
             if row is not None and row[1] * self._page_bytes > self._max_wal_bytes:
                 self._is_wal_over = True
             if row is not None and row[1] != row[2]:
